@@ -1,0 +1,155 @@
+"""A compact Llama-3.2 decoder with a static KV cache (the shape of gpt-fast's model.py).
+
+Both CSM transformers are this module: no token embedding, no output layer. The cache is
+preallocated for `max_batch` rows; callers pick rows with a slice, so a prefill of one job
+writes into its own row while a decode step runs over the first `n` rows, both as views.
+Positions are per row, which is what lets jobs of different lengths share a batch.
+RoPE uses the reference's interleaved-pair convention (torchtune); checkpoint.py permutes
+transformers-format q/k weights into it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig, RopeScaling
+
+
+def rope_frequencies(cfg: LlamaConfig) -> Tensor:
+    """Inverse frequencies with Llama-3 scaling, in fp32 tensor arithmetic as CSM computes them.
+
+    Built on the CPU explicitly so that a model constructed on the meta device still gets it.
+    """
+    half = cfg.head_size // 2
+    exponent = torch.arange(0, half, dtype=torch.float32, device="cpu") * 2 / cfg.head_size
+    freqs = 1.0 / (cfg.rope_base ** exponent)
+    s: RopeScaling | None = cfg.rope_scaling
+    if s is None:
+        return freqs
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.old_context_len / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * freqs / s.factor + smooth * freqs
+    low = wavelen > s.old_context_len / s.low_freq_factor
+    high = wavelen < s.old_context_len / s.high_freq_factor
+    return torch.where(high, freqs, torch.where(low, freqs / s.factor, smoothed))
+
+
+def rope_table(cfg: LlamaConfig) -> Tensor:
+    """[max_seq_len, head_dim/2, 2] of (cos, sin), in fp32 whatever the model dtype."""
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.float32, device="cpu")
+    angles = torch.outer(positions, rope_frequencies(cfg))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """x: [B, S, H, D]; rope: [B, S, D/2, 2] already gathered at each row's positions."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rope = rope.unsqueeze(2)
+    out = torch.stack([
+        xs[..., 0] * rope[..., 0] - xs[..., 1] * rope[..., 1],
+        xs[..., 1] * rope[..., 0] + xs[..., 0] * rope[..., 1],
+    ], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.scale
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.output_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+        self.k_cache: Tensor | None = None
+        self.v_cache: Tensor | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice) -> Tensor:
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.hd), rope).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.hd), rope).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
+        index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
+        k_cache.scatter_(2, index, k)
+        v_cache.scatter_(2, index, v)
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None],
+                                             enable_gqa=self.n_heads != self.n_kv)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.sa_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice) -> Tensor:
+        x = x + self.attn(self.sa_norm(x), rope, pos, mask, rows)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.init_buffers(torch.device("cpu"))
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Derived tables, rebuilt after weights are materialised (they are never saved)."""
+        self.register_buffer("rope", rope_table(self.cfg).to(device), persistent=False)
+        causal = torch.ones(self.cfg.max_seq_len, self.cfg.max_seq_len, dtype=torch.bool,
+                            device="cpu")
+        self.register_buffer("causal", causal.tril().to(device), persistent=False)
+
+    def setup_cache(self, max_batch: int) -> None:
+        """(Re)allocate the KV cache; contents are never read past a row's own positions."""
+        p = self.norm.scale
+        shape = (max_batch, self.cfg.num_kv_heads, self.cfg.max_seq_len, self.cfg.head_size)
+        for layer in self.layers:
+            layer.attn.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            layer.attn.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    @property
+    def max_batch(self) -> int:
+        cache = self.layers[0].attn.k_cache
+        return 0 if cache is None else cache.shape[0]
+
+    def forward(self, x: Tensor, pos: Tensor, rows: slice) -> Tensor:
+        """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them)."""
+        rope = self.rope[pos]
+        mask = self.causal[pos]
+        for layer in self.layers:
+            x = layer(x, rope, pos, mask, rows)
+        return self.norm(x)

@@ -1,0 +1,109 @@
+"""The CSM model: backbone, depth decoder, embeddings and heads, and its one-frame step.
+
+A prompt position has 33 columns: 32 audio codebooks and one text token, with a mask saying
+which are present; its input vector is the sum of the present columns' embeddings. One frame
+of audio is: backbone hidden h -> codebook 0 from `codebook0_head(h)` -> the depth decoder
+walks codebooks 1..31 from `projection(h)` and the embeddings of the codes drawn so far ->
+the 32 codes go back into the backbone as the next position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import CSMConfig
+from .llama import Transformer
+from .sampling import sample_topk
+
+
+@dataclass
+class SamplingState:
+    """Per-row sampling inputs of a frame step, all on the model's device."""
+
+    temperature: Tensor  # [B] float32
+    topk: Tensor  # [B] int64
+    seed: Tensor  # [B] int64
+    frame_index: Tensor  # [B] int64, the job's own frame counter (drives the noise)
+
+    def rows(self, rows: slice) -> "SamplingState":
+        return SamplingState(self.temperature[rows], self.topk[rows], self.seed[rows],
+                             self.frame_index[rows])
+
+
+class CSM(nn.Module):
+    def __init__(self, cfg: CSMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Transformer(cfg.backbone)
+        self.decoder = Transformer(cfg.decoder)
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, cfg.backbone.dim)
+        self.audio_embeddings = nn.Embedding(cfg.audio_vocab_size * cfg.num_codebooks,
+                                             cfg.backbone.dim)
+        self.projection = nn.Linear(cfg.backbone.dim, cfg.decoder.dim, bias=False)
+        self.codebook0_head = nn.Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
+        self.audio_head = nn.Parameter(
+            torch.empty(cfg.num_codebooks - 1, cfg.decoder.dim, cfg.audio_vocab_size))
+        self.init_buffers(torch.device("cpu"))
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Derived tables, rebuilt after weights are materialised (they are never saved)."""
+        self.backbone.init_buffers(device)
+        self.decoder.init_buffers(device)
+        offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
+        self.register_buffer("codebook_offsets", offsets, persistent=False)
+        # The depth decoder always walks the same positions of its own short window.
+        self.register_buffer("decoder_positions",
+                             torch.arange(self.cfg.decoder.max_seq_len, device=device),
+                             persistent=False)
+
+    def setup_caches(self, max_batch: int) -> None:
+        self.backbone.setup_cache(max_batch)
+        self.decoder.setup_cache(max_batch)
+
+    def embed(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """tokens, mask: [B, S, 33] -> summed embeddings of the present columns [B, S, dim]."""
+        audio = self.audio_embeddings(tokens[..., :-1] + self.codebook_offsets)
+        text = self.text_embeddings(tokens[..., -1:])
+        embeds = torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1).to(audio.dtype)
+        return embeds.sum(dim=-2)
+
+    def prefill(self, tokens: Tensor, mask: Tensor, pos: Tensor, rows: slice) -> Tensor:
+        """Backbone over new prompt positions; returns the last position's hidden [B, dim]."""
+        return self.backbone(self.embed(tokens, mask), pos, rows)[:, -1]
+
+    def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
+        """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
+        b, n = h.shape[0], self.cfg.num_codebooks
+        counter = sampling.frame_index * n
+        c0 = sample_topk(self.codebook0_head(h), sampling.temperature, sampling.topk,
+                         sampling.seed, counter)
+        codes = [c0]
+        # Positions 0 and 1 together: the backbone state, then codebook 0's embedding.
+        x = torch.stack([h, self.audio_embeddings(c0)], dim=1)
+        pos = self.decoder_positions[:2].expand(b, 2)
+        for i in range(1, n):
+            out = self.decoder(self.projection(x), pos, rows)[:, -1]
+            logits = torch.mm(out, self.audio_head[i - 1])
+            ci = sample_topk(logits, sampling.temperature, sampling.topk, sampling.seed,
+                             counter + i)
+            codes.append(ci)
+            x = self.audio_embeddings(ci + self.codebook_offsets[i]).unsqueeze(1)
+            pos = self.decoder_positions[i + 1:i + 2].expand(b, 1)
+        return torch.stack(codes, dim=1)
+
+    def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState,
+                   rows: slice) -> tuple[Tensor, Tensor]:
+        """Draw one frame from h, then feed it to the backbone at `pos` ([B]).
+
+        Returns (codes [B, 32], next hidden [B, dim]). Fixed shapes, no host sync and no
+        data-dependent control flow: this is the unit that gets compiled and graph-captured.
+        """
+        codes = self.decode_codes(h, sampling, rows)
+        tokens = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1).unsqueeze(1)
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., -1] = False
+        h_next = self.prefill(tokens, mask, pos.unsqueeze(1), rows)
+        return codes, h_next

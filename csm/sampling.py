@@ -1,0 +1,48 @@
+"""Top-k sampling on the device, with counter-based noise instead of a generator's state.
+
+The reference samples with torch's global RNG, which ties a job's randomness to everything
+else that ran before it. Here the noise for (seed, draw number, token) is a hash of those three
+integers: a job draws the same numbers whether it runs alone or shares a batch, and the step
+needs no host synchronisation or generator object, so it can be graph-captured. The
+distribution is the reference's: softmax over the top-k of logits / temperature (Gumbel-max).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MAX_TOPK = 256
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash on int64 tensors (multipliers < 2**31, so no int64 overflow)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: Tensor, counter: Tensor, n: int) -> Tensor:
+    """[B, n] uniforms in (0, 1), a pure function of (seed[b], counter[b], column)."""
+    row = _mix32(_mix32(_mix32(seed & _M32) ^ (seed >> 32)) ^ (counter & _M32))
+    cols = torch.arange(n, device=seed.device, dtype=torch.int64) * 0x9E3779B1 & _M32
+    h = _mix32(row[:, None] ^ cols[None, :])
+    # 23 bits keep (h + 0.5) / 2**23 strictly inside (0, 1) in float32.
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
+def sample_topk(logits: Tensor, temperature: Tensor, topk: Tensor, seed: Tensor,
+                counter: Tensor) -> Tensor:
+    """Per-row temperature, top-k and seed; returns [B] token ids (int64).
+
+    Tokens tied with the k-th largest logit are kept, as the reference keeps them.
+    """
+    scaled = logits.float() / temperature[:, None]
+    k_max = min(MAX_TOPK, scaled.shape[-1])
+    kth = torch.topk(scaled, k_max, dim=-1).values.gather(1, (topk.clamp(1, k_max) - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, scaled.shape[-1])))
+    return torch.argmax(scaled + gumbel, dim=-1)
