@@ -1,0 +1,79 @@
+"""Audio in and out of the worker: base64 files <-> mono float tensors, with soundfile.
+
+Reading accepts anything libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3...) at any rate,
+mono or stereo. Writing produces the `response_format` the caller asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+
+# format name -> (libsndfile container, subtype); pcm is raw little-endian 16-bit, no header.
+OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "opus": ("OGG", "OPUS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "pcm": ("RAW", "PCM_16"),
+}
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
+               "opus": "audio/ogg; codecs=opus", "mp3": "audio/mpeg",
+               "pcm": "audio/L16; rate=24000; channels=1"}
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference clip holds no voice to clone
+
+
+class AudioInputError(ValueError):
+    """Caller-supplied audio that can't be used; the message says why and the limit."""
+
+
+def decode_base64(field: str, data: str, max_bytes: int) -> bytes:
+    # base64 inflates by 4/3: refuse before decoding anything too large.
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise AudioInputError(f"{field}: about {len(data) * 3 // 4} bytes of audio; the limit "
+                              f"is {max_bytes} bytes (CSM_MAX_REFERENCE_BYTES)")
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]  # tolerate data: URLs from browsers
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise AudioInputError(f"{field}: not valid base64") from None
+
+
+def read_audio(field: str, raw: bytes) -> tuple[Tensor, int]:
+    """Any libsndfile-readable file -> (1-D float32 mono, sample rate)."""
+    try:
+        data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioInputError(f"{field}: not a readable audio file (WAV, FLAC or OGG "
+                              f"expected): {e}") from None
+    if data.shape[0] == 0:
+        raise AudioInputError(f"{field}: the audio is empty")
+    mono = data.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise AudioInputError(f"{field}: the audio holds NaN or infinite samples")
+    if np.abs(mono).max() < SILENCE_PEAK:
+        raise AudioInputError(f"{field}: the audio is silent (peak below -80 dBFS); a "
+                              "reference turn needs audible speech")
+    return torch.from_numpy(np.ascontiguousarray(mono)), int(rate)
+
+
+def encode_audio(audio: Tensor, sample_rate: int, fmt: str) -> bytes:
+    container, subtype = OUTPUT_FORMATS[fmt]
+    samples = audio.detach().float().cpu().clamp(-1, 1).numpy()
+    if fmt == "pcm":
+        return (samples * 32767).round().astype("<i2").tobytes()
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format=container, subtype=subtype)
+    return buf.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,146 @@
+"""The request contract: every field typed, ranged and defaulted; unknown fields refused.
+
+Limits that an operator may change (text length, context size, audio length) are checked in
+`validate_request` against `Limits` from the environment; fixed ranges live on the fields.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationError, field_validator, model_validator)
+
+from csm.sampling import MAX_TOPK
+
+from .settings import Limits
+
+VOICES = ("conversational_a", "conversational_b", "none")
+FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "pcm")
+MAX_SPEAKER = 31
+MAX_SEED = 2**32 - 1
+
+
+class RequestError(ValueError):
+    """Bad input; the message names the field and the limit and goes back to the caller."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Speaker = Annotated[StrictInt, Field(ge=0, le=MAX_SPEAKER)]
+
+
+class DialogueTurn(_Strict):
+    text: StrictStr
+    speaker: Speaker
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class ContextTurn(DialogueTurn):
+    """An earlier turn with its audio: conversation continuity, or a voice to clone."""
+
+    audio_base64: StrictStr = Field(min_length=1)
+
+
+class GenerateRequest(_Strict):
+    task: Literal["generate"] = "generate"
+    text: StrictStr | None = None
+    input: StrictStr | None = None  # alias of text, as OpenAI-style clients send it
+    turns: list[DialogueTurn] | None = None
+    speaker: Speaker | None = None
+    voice: Literal["conversational_a", "conversational_b", "none"] | None = None
+    context: list[ContextTurn] = Field(default_factory=list)
+    max_audio_length_ms: Annotated[StrictInt, Field(ge=80)] | None = None
+    temperature: Annotated[StrictFloat | StrictInt, Field(gt=0, le=2)] = 0.9
+    topk: Annotated[StrictInt, Field(ge=1, le=MAX_TOPK)] = 50
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    response_format: Literal["wav", "flac", "ogg", "opus", "mp3", "pcm"] = "wav"
+    stream: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_text(self) -> "GenerateRequest":
+        given = [name for name in ("text", "input", "turns") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, input (an alias of text) or turns"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.turns is not None and (self.speaker is not None):
+            raise ValueError("speaker: not allowed with turns (each turn has its speaker)")
+        if self.turns is not None and not self.turns:
+            raise ValueError("turns: must not be empty")
+        words = self.text if self.text is not None else self.input
+        if words is not None and not words.strip():
+            raise ValueError("text: must not be empty")
+        return self
+
+    @property
+    def words(self) -> str | None:
+        return self.text if self.text is not None else self.input
+
+
+class VerifyRequest(_Strict):
+    task: Literal["verify_watermark"]
+    audio_base64: StrictStr = Field(min_length=1)
+
+
+Request = GenerateRequest | VerifyRequest
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith(("function-after", "function-wrap"))]
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if p.isdigit() else (f".{p}" if path else p)
+    return path
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    messages = []
+    for err in errors:
+        path = _field_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (see the README for the accepted fields)"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err['ctx']['expected']}, got {err.get('input')!r}"
+        msg = msg.removeprefix("Value error, ")
+        messages.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(messages)
+
+
+def parse_request(payload: Any, limits: Limits) -> Request:
+    """The job's `input` -> a validated request, or RequestError naming field and limit."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"input must be a JSON object, got {type(payload).__name__}")
+    model = VerifyRequest if payload.get("task") == "verify_watermark" else GenerateRequest
+    try:
+        request = model.model_validate(payload)
+    except ValidationError as e:
+        raise RequestError(_describe(e.errors(include_url=False))) from None
+    if isinstance(request, GenerateRequest):
+        _check_limits(request, limits)
+    return request
+
+
+def _check_limits(request: GenerateRequest, limits: Limits) -> None:
+    texts = [request.words] if request.turns is None else [t.text for t in request.turns]
+    name = "turns" if request.turns is not None else ("text" if request.text else "input")
+    total = sum(len(t) for t in texts)
+    if total > limits.max_text_chars:
+        raise RequestError(f"{name}: {total} characters; the limit is {limits.max_text_chars}")
+    if request.turns is not None and len(request.turns) > limits.max_turns:
+        raise RequestError(f"turns: {len(request.turns)} turns; the limit is {limits.max_turns}")
+    if len(request.context) > limits.max_context_turns:
+        raise RequestError(f"context: {len(request.context)} turns; the limit is "
+                           f"{limits.max_context_turns}")
+    ms = request.max_audio_length_ms
+    if ms is not None and ms > limits.max_audio_length_ms:
+        raise RequestError(f"max_audio_length_ms: {ms}; the limit is "
+                           f"{limits.max_audio_length_ms}")
