@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny model folders with RANDOM weights (noise, not speech), built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csm.testing import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The original-format tiny folder, shared read-only by every test that needs one."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-original"), "original")
+
+
+@pytest.fixture(scope="session")
+def tiny_transformers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny-transformers"), "transformers")
