@@ -27,3 +27,23 @@ serve: setup
 # A model folder with random weights (noise, not speech) for trying the worker without the real model.
 tiny: setup
 	$(PY) -m csm.testing make-tiny models/tiny-random
+
+# The real model folder (gated: accept the license at https://huggingface.co/sesame/csm-1b and
+# export HF_TOKEN), with the CSM weights converted to bfloat16 as in the image.
+weights: setup
+	$(PY) -m builder.fetch_weights --dest $(MODEL_DIR) --dtype bfloat16
+
+# The worker image, weights baked in. HF_TOKEN goes in as a BuildKit secret, never a build arg.
+# BUILD_FLAGS=--push (with IMAGE=registry/name:tag) publishes instead of loading locally.
+IMAGE ?= csm-runpod-worker:dev
+BUILD_FLAGS ?= --load
+image:
+	docker buildx build --secret id=HF_TOKEN,env=HF_TOKEN -t $(IMAGE) $(BUILD_FLAGS) .
+
+# The RunPod template and endpoint runpod.yaml describes: shown, or created (needs RUNPOD_API_KEY).
+deploy-dry-run: setup
+	$(PY) -m builder.deploy --config runpod.yaml --dry-run
+
+.PHONY: deploy
+deploy: setup
+	$(PY) -m builder.deploy --config runpod.yaml

@@ -1,0 +1,276 @@
+"""Create or update the RunPod template and serverless endpoint that runpod.yaml describes.
+
+    python -m builder.deploy [--config runpod.yaml] [--dry-run]
+
+Each deploy creates a new template (named <name>-<UTC time>, since template names must be unique)
+and then either creates the endpoint or points the existing endpoint of that name at the new
+template. The API key comes from RUNPOD_API_KEY. --dry-run prints both and calls nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import runpod
+import yaml
+from runpod.error import AuthenticationError, QueryError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# RunPod serverless GPU pools and their memory (GB). CSM-1B needs about 4 GB for bf16 weights,
+# Mimi and KV caches; 24 GB is the floor we test and size for (concurrent streams, compile workspaces).
+POOL_MEMORY_GB = {
+    "AMPERE_16": 16, "AMPERE_24": 24, "ADA_24": 24, "ADA_32_PRO": 32, "AMPERE_48": 48,
+    "ADA_48_PRO": 48, "AMPERE_80": 80, "ADA_80_PRO": 80, "HOPPER_141": 141,
+}
+MIN_GPU_MEMORY_GB = 24
+# torch 2.9.1's wheels are CUDA 12.8 builds: the host driver must support 12.8 or newer.
+MIN_CUDA = (12, 8)
+SECRET_REFERENCE = re.compile(r"^\{\{\s*RUNPOD_SECRET_[A-Za-z0-9_]+\s*\}\}$")
+# Names that hold credentials: their values must be secret references, never literals.
+SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|_KEY)(_|$)")
+IMAGE_REFERENCE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[a-f0-9]{64})$")
+REQUIRED_ENV = ("CSM_MODEL_DIR", "CSM_WATERMARK_KEY")
+
+
+def graphql_safe(value: str) -> str:
+    """runpod 1.10 pastes strings into GraphQL unescaped: a quote, backslash or newline breaks the query."""
+    if any(c in value for c in '"\\\n\r'):
+        raise ValueError(f"{value!r} contains a quote, backslash or line break, which the RunPod SDK cannot send")
+    return value
+
+
+class Workers(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(0, ge=0, le=100)
+    max: int = Field(3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def ordered(self) -> Workers:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class Scaler(BaseModel):
+    """QUEUE_DELAY: seconds a job may wait before a worker is added; REQUEST_COUNT: jobs per worker."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["QUEUE_DELAY", "REQUEST_COUNT"] = "QUEUE_DELAY"
+    value: int = Field(4, ge=1, le=1000)
+
+
+class EndpointConfig(BaseModel):
+    # Numbers in env are sent as strings anyway; unknown keys are typos.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
+    image: str
+    registry_auth_id: str | None = None
+    gpu_ids: list[str] = Field(min_length=1)
+    gpu_count: int = Field(1, ge=1, le=1, description="the worker runs on one GPU")
+    allowed_cuda_versions: list[str] = Field(min_length=1)
+    workers: Workers = Workers()
+    scaler: Scaler = Scaler()
+    idle_timeout_s: int = Field(ge=1, le=3600)
+    execution_timeout_s: int = Field(ge=10, le=86_400)
+    container_disk_gb: int = Field(ge=10, le=200)
+    flashboot: bool = True
+    env: dict[str, str]
+
+    @field_validator("image")
+    @classmethod
+    def pinned_image(cls, image: str) -> str:
+        if not IMAGE_REFERENCE.match(image):
+            raise ValueError(f"{image!r} is not a lowercase registry/repository:tag (or @sha256:) reference")
+        if image.endswith(":latest"):
+            raise ValueError("pin a version tag or digest instead of :latest, so workers run the image you tested")
+        return image
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def known_pools(cls, ids: list[str]) -> list[str]:
+        for gpu in ids:
+            if gpu not in POOL_MEMORY_GB:
+                raise ValueError(f"unknown GPU pool {gpu!r}; RunPod pools: {', '.join(POOL_MEMORY_GB)}")
+            if POOL_MEMORY_GB[gpu] < MIN_GPU_MEMORY_GB:
+                raise ValueError(f"{gpu} has {POOL_MEMORY_GB[gpu]} GB; this worker needs {MIN_GPU_MEMORY_GB} GB or more")
+        if len(set(ids)) != len(ids):
+            raise ValueError("a GPU pool is listed twice")
+        return ids
+
+    @field_validator("allowed_cuda_versions")
+    @classmethod
+    def recent_cuda(cls, versions: list[str]) -> list[str]:
+        for version in versions:
+            if not re.fullmatch(r"\d+\.\d+", version):
+                raise ValueError(f"{version!r} is not a CUDA version like \"12.8\"")
+            if tuple(map(int, version.split("."))) < MIN_CUDA:
+                raise ValueError(f"CUDA {version} is too old: the image's torch needs 12.8 or newer")
+        return versions
+
+    @field_validator("name", "registry_auth_id")
+    @classmethod
+    def sendable(cls, value: str | None) -> str | None:
+        return value if value is None else graphql_safe(value)
+
+    @field_validator("env")
+    @classmethod
+    def safe_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+                raise ValueError(f"environment variable name {key!r} should be UPPER_SNAKE_CASE")
+            graphql_safe(value)
+            if SECRET_NAME.search(key) and not SECRET_REFERENCE.match(value):
+                raise ValueError(
+                    f"{key} must be a RunPod secret reference such as "
+                    f"{{{{ RUNPOD_SECRET_{key.lower()} }}}}, never the value itself: "
+                    "create the secret under Settings > Secrets in the RunPod console")
+        missing = [key for key in REQUIRED_ENV if key not in env]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        concurrency = env.get("CSM_MAX_CONCURRENCY")
+        if concurrency is not None and not (concurrency.isdigit() and 1 <= int(concurrency) <= 64):
+            raise ValueError(f"CSM_MAX_CONCURRENCY must be a whole number from 1 to 64, not {concurrency!r}")
+        return env
+
+
+class DeployError(Exception):
+    """A failure with a one-line message that tells the user what to do."""
+
+
+def load_config(path: Path) -> EndpointConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DeployError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise DeployError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return EndpointConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors())
+        raise DeployError(f"{path} is invalid: {problems}") from exc
+
+
+def template_request(config: EndpointConfig, now: datetime) -> dict:
+    """Keyword arguments for runpod.create_template."""
+    return {
+        "name": f"{config.name}-{now:%Y%m%dT%H%M%SZ}",
+        "image_name": config.image,
+        "container_disk_in_gb": config.container_disk_gb,
+        "env": dict(config.env),
+        "is_serverless": True,
+        "registry_auth_id": config.registry_auth_id,
+    }
+
+
+def endpoint_request(config: EndpointConfig, template_id: str) -> dict:
+    """Keyword arguments for runpod.create_endpoint."""
+    return {
+        "name": config.name,
+        "template_id": template_id,
+        "gpu_ids": ",".join(config.gpu_ids),
+        "gpu_count": config.gpu_count,
+        "allowed_cuda_versions": ",".join(config.allowed_cuda_versions),
+        "idle_timeout": config.idle_timeout_s,
+        "scaler_type": config.scaler.type,
+        "scaler_value": config.scaler.value,
+        "workers_min": config.workers.min,
+        "workers_max": config.workers.max,
+        "flashboot": config.flashboot,
+    }
+
+
+def execution_timeout_note(config: EndpointConfig) -> str:
+    # runpod 1.10's create_endpoint has no execution-timeout parameter.
+    return (f"execution timeout: set {config.execution_timeout_s} s in the console (endpoint > Edit), "
+            f"or send \"policy\": {{\"executionTimeout\": {config.execution_timeout_s * 1000}}} with each job")
+
+
+def find_endpoint(endpoints: list[dict], name: str) -> dict | None:
+    """RunPod may show FlashBoot endpoints as '<name> -fb'."""
+    for endpoint in endpoints:
+        if re.sub(r"\s*-fb$", "", endpoint.get("name", "")) == name:
+            return endpoint
+    return None
+
+
+def drift(endpoint: dict, wanted: dict) -> list[str]:
+    """Settings of an existing endpoint that differ from runpod.yaml (the SDK can only swap its template)."""
+    fields = {"gpuIds": "gpu_ids", "workersMin": "workers_min", "workersMax": "workers_max",
+              "idleTimeout": "idle_timeout", "scalerType": "scaler_type", "scalerValue": "scaler_value"}
+    return [f"{api} is {endpoint[api]!r}, runpod.yaml wants {wanted[ours]!r}"
+            for api, ours in fields.items() if api in endpoint and endpoint[api] != wanted[ours]]
+
+
+def dry_run(config: EndpointConfig, now: datetime) -> None:
+    print(yaml.safe_dump({
+        "template (create)": template_request(config, now),
+        f"endpoint (create, or point the endpoint named {config.name!r} at the new template)":
+            endpoint_request(config, "<id of the new template>"),
+    }, sort_keys=False), end="")
+    print(execution_timeout_note(config))
+    print("dry run: nothing was sent to RunPod")
+
+
+def deploy(config: EndpointConfig, api_key: str, now: datetime) -> str:
+    """Returns the endpoint id."""
+    runpod.api_key = api_key
+    try:
+        existing = find_endpoint(runpod.get_endpoints(), config.name)
+        template = runpod.create_template(**template_request(config, now))
+        print(f"created template {template['name']} ({template['id']}) for {config.image}")
+        wanted = endpoint_request(config, template["id"])
+        if existing is None:
+            endpoint_id = runpod.create_endpoint(**wanted)["id"]
+            print(f"created endpoint {config.name} ({endpoint_id})")
+        else:
+            endpoint_id = existing["id"]
+            runpod.update_endpoint_template(endpoint_id=endpoint_id, template_id=template["id"])
+            print(f"endpoint {config.name} ({endpoint_id}) now runs template {template['id']}; "
+                  "workers pick it up as they restart")
+            for difference in drift(existing, wanted):
+                print(f"note: {difference}: change it in the console (the SDK cannot update it)")
+    except (AuthenticationError, QueryError) as exc:
+        raise DeployError(f"RunPod refused the request: {exc}") from exc
+    except OSError as exc:  # requests' connection errors
+        raise DeployError(f"cannot reach the RunPod API ({exc}): check the network and run again") from exc
+    print(execution_timeout_note(config))
+    print(f"requests: https://api.runpod.ai/v2/{endpoint_id}/run")
+    return endpoint_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m builder.deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("runpod.yaml"))
+    parser.add_argument("--dry-run", action="store_true", help="print what would be created; call nothing")
+    args = parser.parse_args(argv)
+    now = datetime.now(timezone.utc)
+    try:
+        config = load_config(args.config)
+        if args.dry_run:
+            dry_run(config, now)
+            return 0
+        api_key = os.environ.get("RUNPOD_API_KEY", "").strip()
+        if not api_key:
+            raise DeployError("RUNPOD_API_KEY is not set: create an API key at "
+                              "https://www.runpod.io/console/user/settings and export RUNPOD_API_KEY")
+        deploy(config, api_key, now)
+    except DeployError as exc:
+        print(f"deploy: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The Dockerfile, checked without a Docker engine: lint, sources, layer order, secrets, entry point."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    joined, parts = [], []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        parts.append(line.rstrip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            joined.append(" ".join(parts))
+            parts = []
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1].strip()) for text in joined]
+
+
+def index_of(kind: str, needle: str) -> int:
+    return next(i for i, (k, args) in enumerate(instructions()) if k == kind and needle in args)
+
+
+def test_hadolint_is_silent() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is not installed (pip install -r requirements-dev.txt)"
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_every_copy_source_exists_and_reaches_the_build_context() -> None:
+    ignored = dockerignore_patterns()
+    copies = [args for kind, args in instructions() if kind == "COPY"]
+    assert copies
+    for args in copies:
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        for source in words[:-1]:
+            assert (ROOT / source).exists(), f"COPY source {source} is missing from the repository"
+            top = source.rstrip("/").split("/")[0]
+            assert not any(fnmatch.fnmatch(top, p) for p in ignored), f"{source} is in .dockerignore"
+
+
+def test_cmd_runs_the_handler_unbuffered_in_exec_form() -> None:
+    cmds = [args for kind, args in instructions() if kind == "CMD"]
+    assert len(cmds) == 1
+    assert json.loads(cmds[0]) == ["python", "-u", "handler.py"]
+
+
+def test_no_build_argument_or_environment_variable_holds_a_token() -> None:
+    for kind, args in instructions():
+        if kind in ("ARG", "ENV"):
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", args) or [args.split()[0]]
+            for name in names:
+                assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", name.upper()), f"{kind} {name}"
+
+
+def test_weights_are_fetched_with_the_secret_mount_in_bfloat16() -> None:
+    runs = [args for kind, args in instructions() if kind == "RUN" and "builder.fetch_weights" in args]
+    assert len(runs) == 1
+    step = runs[0]
+    assert "--mount=type=secret,id=HF_TOKEN" in step
+    assert "HF_TOKEN_PATH=/run/secrets/HF_TOKEN" in step
+    assert "--dest /models/csm-1b" in step and "--dtype bfloat16" in step
+    assert any(kind == "ENV" and "CSM_MODEL_DIR=/models/csm-1b" in args for kind, args in instructions())
+
+
+def test_python_dependencies_are_installed_as_the_readme_says() -> None:
+    runs = " ".join(args for kind, args in instructions() if kind == "RUN")
+    assert "pip install --no-cache-dir -r requirements.txt" in runs
+    assert "pip install --no-cache-dir --no-deps -r requirements-nodeps.txt" in runs
+
+
+def test_the_image_holds_every_local_module_the_handler_imports() -> None:
+    imported = re.findall(r"^(?:from|import)\s+([A-Za-z_]\w*)", (ROOT / "handler.py").read_text(), re.M)
+    local = {name for name in imported if (ROOT / name).is_dir() or (ROOT / f"{name}.py").exists()}
+    copied = {shlex.split(args)[0].rstrip("/") for kind, args in instructions() if kind == "COPY"}
+    assert local and local <= copied, local - copied
+
+
+@pytest.mark.parametrize("later", [("COPY", "csm/"), ("COPY", "worker/"), ("COPY", "handler.py")])
+def test_a_code_change_does_not_download_the_weights_again(later: tuple[str, str]) -> None:
+    assert (index_of("COPY", "requirements.txt") < index_of("RUN", "pip install")
+            < index_of("COPY", "builder/fetch_weights.py") < index_of("RUN", "builder.fetch_weights")
+            < index_of(*later))
+    # Only the fetcher is copied before the weights: deploy.py and the rest may change freely.
+    builder_copy = instructions()[index_of("COPY", "builder/fetch_weights.py")][1]
+    assert shlex.split(builder_copy) == ["builder/__init__.py", "builder/fetch_weights.py", "builder/"]
