@@ -23,8 +23,13 @@ def default_config() -> dict:
 
 
 class MimiCodec:
-    def __init__(self, mimi: torch.nn.Module):
+    """Two Mimi instances from one file: `mimi` encodes and decodes whole clips; `streamer`
+    is the scheduler's, kept in moshi's batched streaming mode. Streaming state lives on the
+    modules, so sharing one instance would make encoding a prompt corrupt a running decode."""
+
+    def __init__(self, mimi: torch.nn.Module, streamer: torch.nn.Module):
         self.mimi = mimi
+        self.streamer = streamer
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> "MimiCodec":
@@ -34,8 +39,10 @@ class MimiCodec:
             raise FileNotFoundError(f"Mimi weights not found: {weights}")
         config_path = folder / CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.exists() else None
-        mimi = loaders.get_mimi(weights, config, device=device, num_codebooks=NUM_CODEBOOKS)
-        return cls(mimi.eval().requires_grad_(False))
+        mimi, streamer = (
+            loaders.get_mimi(weights, config, device=device, num_codebooks=NUM_CODEBOOKS)
+            .eval().requires_grad_(False) for _ in range(2))
+        return cls(mimi, streamer)
 
     @property
     def device(self) -> torch.device:

@@ -1,13 +1,20 @@
 """The engine: text plus context in, watermarked 24 kHz speech out.
 
-Everything heavy is loaded once (`Engine.load`); `generate` is then request -> prompt ->
-frames -> Mimi decode -> watermark. The frame loop never waits on the GPU inside a frame:
-frames stay on the device and are checked for the end-of-speech frame every few frames.
+Everything heavy is loaded once (`Engine.load`). A request becomes a scheduler job (see
+scheduler.py): its prompt is built here, frames are drawn in the shared batched loop, Mimi
+decodes them as they come, and the finished audio is watermarked. `generate` waits for the
+whole result; `stream` yields audio blocks as the loop produces them.
+
+A request may hold several utterances (long text split into pieces, or dialogue turns): each
+is generated with the fixed context plus the utterances before it, the oldest of those
+dropped first when the position window runs short.
 """
 
 from __future__ import annotations
 
+import queue
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,19 +23,25 @@ from torch import Tensor
 
 from .audio import resample
 from .checkpoint import load_model
-from .codec import SAMPLE_RATE, SAMPLES_PER_FRAME, MimiCodec
-from .model import CSM, SamplingState
+from .codec import SAMPLE_RATE, MimiCodec
+from .model import CSM
 from .prompt import Segment, build_prompt
+from .scheduler import Job, Piece, Scheduler
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
-# Frames between end-of-speech checks: each check is one device->host copy; at most this
-# many frames are computed past the end and discarded.
-CHECK_EVERY = 8
+FRAME_MS = 80
 
 
 class PromptTooLongError(ValueError):
     """The prompt plus the requested audio does not fit the backbone's position window."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    speaker: int
+    text: str
+    max_audio_length_ms: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -41,18 +54,32 @@ class GenerationRequest:
     topk: int = 50
     seed: int = 0
     watermark_key: tuple[int, ...] | None = None
+    # Further utterances spoken after `text`, each conditioned on everything before it.
+    then: tuple[Utterance, ...] = ()
+
+    @property
+    def utterances(self) -> tuple[Utterance, ...]:
+        return (Utterance(self.speaker, self.text, self.max_audio_length_ms), *self.then)
+
+
+@dataclass
+class AudioBlock:
+    """Audio as the loop decodes it (not yet watermarked), with its codes [32, frames]."""
+
+    audio: Tensor
+    codes: Tensor
+    utterance: int
 
 
 @dataclass
 class GenerationResult:
     audio: Tensor  # 1-D float32, 24 kHz, on the CPU
-    codes: Tensor  # [32, frames]
-    stop_reason: str  # "end_of_speech" or "max_length"
+    codes: Tensor  # [32, frames], all utterances
+    stop_reason: str  # "end_of_speech", "max_length" (any utterance hit its limit), "cancelled"
     seed: int
     watermarked: bool
     prompt_positions: int
     timings_ms: dict[str, float] = field(default_factory=dict)
-
     sample_rate: int = SAMPLE_RATE
 
     @property
@@ -68,20 +95,75 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Generation:
+    """One running request: a scheduler job plus the queue its events arrive on."""
+
+    def __init__(self, engine: "Engine", request: GenerationRequest):
+        self.engine = engine
+        self.request = request
+        self.events: queue.Queue = queue.Queue()
+        self.history: list[tuple[Utterance, Tensor]] = []
+        self.reasons: list[str] = []
+        self.started = time.perf_counter()
+        self.first_audio_ms: float | None = None
+        first = engine.piece(request.context, [], request.utterances[0])
+        self.prompt_positions = len(first.tokens)
+        self.job = Job(piece=first, temperature=request.temperature, topk=request.topk,
+                       seed=request.seed, on_audio=self._on_audio, next_piece=self._next_piece,
+                       on_done=self._on_done)
+
+    def _on_audio(self, audio: Tensor, codes: Tensor) -> None:
+        if self.first_audio_ms is None:
+            self.first_audio_ms = 1000 * (time.perf_counter() - self.started)
+        self.events.put(AudioBlock(audio.cpu(), codes, len(self.history)))
+
+    def _next_piece(self, codes: Tensor, reason: str) -> Piece | None:
+        utterances = self.request.utterances
+        self.history.append((utterances[len(self.history)], codes))
+        self.reasons.append(reason)
+        if len(self.history) == len(utterances):
+            return None
+        return self.engine.piece(self.request.context, self.history, utterances[len(self.history)])
+
+    def _on_done(self, error: BaseException | None) -> None:
+        self.events.put(error if error is not None else StopIteration())
+
+    def cancel(self) -> None:
+        self.engine.scheduler.cancel(self.job)
+
+    def blocks(self) -> Iterator[AudioBlock]:
+        """Audio blocks as they come; raises the job's error if it failed."""
+        while True:
+            event = self.events.get()
+            if isinstance(event, StopIteration):
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    def stop_reason(self) -> str:
+        if self.job.cancelled:
+            return "cancelled"
+        return "max_length" if "max_length" in self.reasons else "end_of_speech"
+
+
 class Engine:
     def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: MimiCodec,
-                 watermarker: Watermarker | None, load_ms: float = 0.0):
+                 watermarker: Watermarker | None, max_batch: int = 1, load_ms: float = 0.0,
+                 use_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
         self.watermarker = watermarker
-        self.load_ms = load_ms
         self.device = model.codebook0_head.weight.device
-        self.model.setup_caches(1)
+        start = time.perf_counter()
+        self.scheduler = Scheduler(model, codec, max_batch, use_graphs)
+        self.load_ms = load_ms + 1000 * (time.perf_counter() - start)
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None) -> "Engine":
+             dtype: torch.dtype | None = None, max_batch: int = 1,
+             use_graphs: bool | None = None) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
         start = time.perf_counter()
         model_dir = Path(model_dir)
@@ -91,8 +173,8 @@ class Engine:
         tokenizer = TextTokenizer(model_dir / "tokenizer.json")
         codec = MimiCodec.load(model_dir / "mimi", device)
         watermarker = Watermarker.load(model_dir / "silentcipher", device)
-        return cls(model, tokenizer, codec, watermarker,
-                   load_ms=1000 * (time.perf_counter() - start))
+        return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
+                   load_ms=1000 * (time.perf_counter() - start), use_graphs=use_graphs)
 
     @property
     def max_positions(self) -> int:
@@ -103,92 +185,73 @@ class Engine:
         codes = self.codec.encode(resample(audio, sample_rate, SAMPLE_RATE))
         return Segment(speaker=speaker, text=text, codes=codes.cpu())
 
-    def prompt(self, request: GenerationRequest) -> tuple[Tensor, Tensor]:
-        """[positions, 33] tokens and mask; refuses a prompt that leaves no room to speak."""
-        context = [(self.tokenizer.encode_turn(s.speaker, s.text), s.codes)
-                   for s in request.context]
-        tokens, mask = build_prompt(context, self.tokenizer.encode_turn(request.speaker,
-                                                                         request.text))
-        max_frames = request.max_audio_length_ms // 80
+    def piece(self, context: tuple[Segment, ...], history: list[tuple[Utterance, Tensor]],
+              utterance: Utterance) -> Piece:
+        """The prompt for one utterance: fixed context, then as much history as fits."""
+        max_frames = utterance.max_audio_length_ms // FRAME_MS
         limit = self.max_positions - max_frames
-        if tokens.shape[0] >= limit:
-            raise PromptTooLongError(
-                f"the prompt (text plus context) takes {tokens.shape[0]} positions; with "
-                f"max_audio_length_ms={request.max_audio_length_ms} ({max_frames} frames) it "
-                f"must be under {limit} of the model's {self.max_positions}: shorten the "
-                "context or the text, or ask for less audio")
-        return tokens, mask
+        encode = self.tokenizer.encode_turn
+        fixed = [(encode(s.speaker, s.text), s.codes) for s in context]
+        recent = [(encode(u.speaker, u.text), codes) for u, codes in history]
+        target = encode(utterance.speaker, utterance.text)
+        while True:
+            tokens, mask = build_prompt(fixed + recent, target)
+            if tokens.shape[0] < limit:
+                return Piece(tokens, mask, max_frames)
+            if not recent:
+                raise PromptTooLongError(
+                    f"the prompt (text plus context) takes {tokens.shape[0]} positions; with "
+                    f"max_audio_length_ms={utterance.max_audio_length_ms} ({max_frames} "
+                    f"frames) it must be under {limit} of the model's {self.max_positions}: "
+                    "shorten the context or the text, or ask for less audio")
+            recent.pop(0)
 
-    @torch.inference_mode()
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse, before any work, an utterance that cannot fit even without history."""
+        for utterance in request.utterances:
+            self.piece(request.context, [], utterance)
+
+    def start(self, request: GenerationRequest) -> Generation:
+        self.check(request)
+        generation = Generation(self, request)
+        self.scheduler.submit(generation.job)
+        return generation
+
+    def stream(self, request: GenerationRequest) -> Iterator[AudioBlock]:
+        """Unwatermarked audio blocks as decoded; closing the iterator cancels the job."""
+        generation = self.start(request)
+        try:
+            yield from generation.blocks()
+        finally:
+            generation.cancel()
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        timings: dict[str, float] = {}
-        clock = _Clock(self.device)
-        tokens, mask = self.prompt(request)
-        codes, stop_reason = self._frames(tokens, mask, request, clock, timings)
-        audio = self.codec.decode(codes) if codes.shape[1] else torch.zeros(0)
-        timings["decode_ms"] = clock.lap()
+        generation = self.start(request)
+        blocks = list(generation.blocks())
+        return self.finish(generation, blocks)
+
+    def finish(self, generation: Generation, blocks: list[AudioBlock]) -> GenerationResult:
+        """Join the blocks, watermark the whole, and account for where the time went."""
+        request = generation.request
+        generated = time.perf_counter()
+        audio = torch.cat([b.audio for b in blocks]) if blocks else torch.zeros(0)
+        codes = (torch.cat([b.codes for b in blocks], dim=1) if blocks
+                 else torch.zeros(self.model.cfg.num_codebooks, 0, dtype=torch.long))
         watermarked = False
         if request.watermark_key is not None and self.watermarker is not None and audio.numel():
             audio = self.watermarker.embed(audio, SAMPLE_RATE, request.watermark_key)
             watermarked = True
-        timings["watermark_ms"] = clock.lap()
-        audio = audio.float().cpu()
-        timings["total_ms"] = clock.total()
+        done = time.perf_counter()
         seconds = audio.shape[0] / SAMPLE_RATE
-        timings["real_time_factor"] = timings["total_ms"] / 1000 / seconds if seconds else 0.0
-        return GenerationResult(audio=audio, codes=codes.cpu(), stop_reason=stop_reason,
-                                seed=request.seed, watermarked=watermarked,
-                                prompt_positions=tokens.shape[0], timings_ms=timings)
-
-    def _frames(self, tokens: Tensor, mask: Tensor, request: GenerationRequest, clock: "_Clock",
-                timings: dict[str, float]) -> tuple[Tensor, str]:
-        """Prefill, then frames until the all-zero frame (dropped) or the length limit."""
-        model, dev, rows = self.model, self.device, slice(0, 1)
-        n = tokens.shape[0]
-        h = model.prefill(tokens[None].to(dev), mask[None].to(dev),
-                          torch.arange(n, device=dev)[None], rows)
-        timings["prompt_ms"] = clock.lap()
-        sampling = SamplingState(
-            temperature=torch.tensor([request.temperature], device=dev, dtype=torch.float32),
-            topk=torch.tensor([request.topk], device=dev),
-            seed=torch.tensor([request.seed], device=dev),
-            frame_index=torch.zeros(1, dtype=torch.long, device=dev))
-        position = torch.tensor([n], device=dev)
-        frames: list[Tensor] = []
-        max_frames = request.max_audio_length_ms // 80
-        stop_reason, end, checked = "max_length", max_frames, 0
-        for i in range(max_frames):
-            codes, h = model.frame_step(h, position, sampling, rows)
-            frames.append(codes[0])
-            position += 1
-            sampling.frame_index += 1
-            if len(frames) - checked == CHECK_EVERY or i + 1 == max_frames:
-                ended = torch.stack(frames[checked:]).eq(0).all(dim=1).cpu()
-                if ended.any():
-                    stop_reason, end = "end_of_speech", checked + int(ended.nonzero()[0])
-                    break
-                checked = len(frames)
-        timings["generate_ms"] = clock.lap()
-        codes = torch.stack(frames[:end], dim=1) if end else torch.zeros(32, 0, dtype=torch.long)
-        return codes, stop_reason
-
-
-class _Clock:
-    """Lap timer that waits for the device, so each lap is the work of that stage."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = self.last = time.perf_counter()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def lap(self) -> float:
-        self._sync()
-        now = time.perf_counter()
-        lap, self.last = 1000 * (now - self.last), now
-        return lap
-
-    def total(self) -> float:
-        return 1000 * (time.perf_counter() - self.start)
+        total_ms = 1000 * (done - generation.started)
+        timings = {
+            "generate_ms": 1000 * (generated - generation.started),
+            "first_audio_ms": generation.first_audio_ms or 0.0,
+            "watermark_ms": 1000 * (done - generated),
+            "total_ms": total_ms,
+            "real_time_factor": total_ms / 1000 / seconds if seconds else 0.0,
+        }
+        return GenerationResult(audio=audio.float().cpu(), codes=codes,
+                                stop_reason=generation.stop_reason(), seed=request.seed,
+                                watermarked=watermarked,
+                                prompt_positions=generation.prompt_positions, timings_ms=timings)
