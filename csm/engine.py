@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +96,19 @@ def default_device() -> torch.device:
 
 
 class Generation:
-    """One running request: a scheduler job plus the queue its events arrive on."""
+    """One running request: a scheduler job and where its events go.
 
-    def __init__(self, engine: "Engine", request: GenerationRequest):
+    Events (AudioBlock, then StopIteration or the job's exception) are handed to `deliver`
+    on the loop thread; by default they go to a queue that `blocks()` reads. An asyncio
+    caller passes a `deliver` that hops onto its event loop instead.
+    """
+
+    def __init__(self, engine: "Engine", request: GenerationRequest,
+                 deliver: Callable[[object], None] | None = None):
         self.engine = engine
         self.request = request
         self.events: queue.Queue = queue.Queue()
+        self.deliver = deliver or self.events.put
         self.history: list[tuple[Utterance, Tensor]] = []
         self.reasons: list[str] = []
         self.started = time.perf_counter()
@@ -115,7 +122,7 @@ class Generation:
     def _on_audio(self, audio: Tensor, codes: Tensor) -> None:
         if self.first_audio_ms is None:
             self.first_audio_ms = 1000 * (time.perf_counter() - self.started)
-        self.events.put(AudioBlock(audio.cpu(), codes, len(self.history)))
+        self.deliver(AudioBlock(audio.cpu(), codes, len(self.history)))
 
     def _next_piece(self, codes: Tensor, reason: str) -> Piece | None:
         utterances = self.request.utterances
@@ -126,7 +133,7 @@ class Generation:
         return self.engine.piece(self.request.context, self.history, utterances[len(self.history)])
 
     def _on_done(self, error: BaseException | None) -> None:
-        self.events.put(error if error is not None else StopIteration())
+        self.deliver(error if error is not None else StopIteration())
 
     def cancel(self) -> None:
         self.engine.scheduler.cancel(self.job)
@@ -211,9 +218,10 @@ class Engine:
         for utterance in request.utterances:
             self.piece(request.context, [], utterance)
 
-    def start(self, request: GenerationRequest) -> Generation:
+    def start(self, request: GenerationRequest,
+              deliver: Callable[[object], None] | None = None) -> Generation:
         self.check(request)
-        generation = Generation(self, request)
+        generation = Generation(self, request, deliver)
         self.scheduler.submit(generation.job)
         return generation
 

@@ -1,35 +1,45 @@
 """The worker's jobs: request -> schema -> engine -> encoded response, and never a crash.
 
 Built once per process (`Worker.start`): the model loads and the preset voices are
-Mimi-encoded at start-up, so a job only pays for its own work.
+Mimi-encoded at start-up, so a job only pays for its own work. Jobs run concurrently on the
+asyncio loop; their frames are drawn together by the engine's batched scheduler, and the
+blocking steps of a job (decoding reference audio, watermarking, encoding files) run in
+threads so that one job never holds up another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import soundfile as sf
 import torch
 
 from csm.codec import SAMPLE_RATE
-from csm.engine import Engine, GenerationRequest, GenerationResult, PromptTooLongError
+from csm.engine import (AudioBlock, Engine, Generation, GenerationRequest, PromptTooLongError,
+                        Utterance)
 from csm.presets import PRESETS
 from csm.prompt import Segment
+from csm.text_split import split_text
 
 from .audio_io import (AudioInputError, MEDIA_TYPES, decode_base64, encode_audio,
                        read_audio, to_base64)
 from .schema import GenerateRequest, RequestError, VerifyRequest, parse_request
 from .settings import Settings
+from .stream_chunks import stream_items
 
 log = logging.getLogger("worker")
 
-# Without a caller limit, stop at about 100 ms per character plus 3 s: enough for slow speech,
-# and a bound on the long silent tails CSM sometimes produces instead of its end frame.
+# Without a caller limit, a piece may run to about 100 ms per character plus 3 s: enough for
+# slow speech, and a bound on the long silent tails CSM sometimes makes instead of ending.
 AUTO_MS_PER_CHAR = 100
 AUTO_MS_BASE = 3000
+# Longer text is spoken as pieces of about this many characters (see csm/text_split.py).
+PIECE_CHARS = 220
 
 
 class Worker:
@@ -40,7 +50,8 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
-        engine = Engine.load(settings.model_dir, device=settings.device)
+        engine = Engine.load(settings.model_dir, device=settings.device,
+                             max_batch=settings.max_concurrency)
         presets = {}
         for name, preset in PRESETS.items():
             audio, rate = sf.read(settings.model_dir / preset.wav, dtype="float32", always_2d=True)
@@ -49,36 +60,75 @@ class Worker:
         if settings.watermark_key_is_public:
             log.warning("CSM_WATERMARK_KEY is unset: watermarking with CSM's public key, which "
                         "anyone can detect; set a private key for this deployment")
-        log.info("worker ready on %s in %.1f s", engine.device, engine.load_ms / 1000)
+        log.info("worker ready on %s in %.1f s (up to %d concurrent jobs)", engine.device,
+                 engine.load_ms / 1000, settings.max_concurrency)
         return cls(engine, settings, presets)
 
-    def handle(self, payload: Any) -> dict[str, Any]:
-        """One job's `input` -> a response dict, or {"error": ...}; the worker stays up."""
+    # ---- entry points ------------------------------------------------------------------
+    async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """A job's outputs: one response (or {"error"}), or stream chunks ending in a summary."""
         try:
             request = parse_request(payload, self.settings.limits)
             if isinstance(request, VerifyRequest):
-                return self.verify(request)
-            return self.generate(request)
+                yield await asyncio.to_thread(self.verify, request)
+                return
+            plan = await asyncio.to_thread(self.plan, request)
+            events: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            generation = self.engine.start(
+                plan, deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            try:
+                if request.stream and allow_stream:
+                    async for item in stream_items(self, request, generation, events):
+                        yield item
+                else:
+                    blocks = [block async for block in self.blocks(events)]
+                    yield await asyncio.to_thread(self.response, request, generation, blocks)
+            finally:
+                generation.cancel()  # a no-op once finished; frees the slot if we were cut off
         except (RequestError, AudioInputError, PromptTooLongError) as e:
-            return {"error": str(e)}
-        except torch.cuda.OutOfMemoryError:
-            log.exception("out of GPU memory")
+            yield {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
+            yield self.failure(e)
+
+    async def run_to_completion(self, payload: Any) -> dict[str, Any]:
+        """The whole response at once (streamed requests too): for `--test_input`."""
+        result: dict[str, Any] = {}
+        async for item in self.run(payload, allow_stream=False):
+            result = item
+        return result
+
+    @staticmethod
+    async def blocks(events: asyncio.Queue) -> AsyncIterator[AudioBlock]:
+        while True:
+            event = await events.get()
+            if isinstance(event, StopIteration):
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    @staticmethod
+    def failure(error: BaseException) -> dict[str, Any]:
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            log.error("out of GPU memory: %s", error)
             return {"error": "the GPU ran out of memory on this job; retry it, or ask for "
                              "shorter audio or context", "refresh_worker": True}
-        except RuntimeError as e:
-            if "CUDA" in str(e) or "cuda" in str(e):
-                log.exception("CUDA failure")
-                return {"error": "a GPU fault ended this job; the worker restarts, retry it",
-                        "refresh_worker": True}
-            log.exception("job failed")
-            return {"error": f"internal error ({type(e).__name__}); the job was not completed"}
-        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
-            log.exception("job failed")
-            return {"error": f"internal error ({type(e).__name__}); the job was not completed"}
+        if isinstance(error, RuntimeError) and "cuda" in str(error).lower():
+            log.error("CUDA failure: %s", error)
+            return {"error": "a GPU fault ended this job; the worker restarts, retry it",
+                    "refresh_worker": True}
+        log.error("job failed", exc_info=error)
+        return {"error": f"internal error ({type(error).__name__}); the job was not completed"}
 
-    def context_segments(self, request: GenerateRequest) -> list[Segment]:
+    # ---- request -> engine request -----------------------------------------------------
+    def voice(self, request: GenerateRequest) -> str:
+        """The preset in the prompt: as asked, else none with the caller's own context, else a."""
+        return request.voice or ("none" if request.context else "conversational_a")
+
+    def context_segments(self, request: GenerateRequest) -> tuple[Segment, ...]:
         """The preset voice (if any) followed by the caller's own turns, Mimi-encoded."""
-        voice = request.voice or ("none" if request.context else "conversational_a")
+        voice = self.voice(request)
         segments = [] if voice == "none" else [self.presets[voice]]
         limits = self.settings.limits
         budget_bytes, seconds = limits.max_reference_bytes, 0.0
@@ -93,53 +143,64 @@ class Worker:
                     f"{field}: context audio adds up to {seconds:.1f} s; the limit is "
                     f"{limits.max_context_seconds:g} s (CSM_MAX_CONTEXT_SECONDS)")
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
-        return segments
+        return tuple(segments)
 
     def speaker(self, request: GenerateRequest) -> int:
         """Explicit speaker, else the preset voice's own, else 0."""
         if request.speaker is not None:
             return request.speaker
-        voice = request.voice or ("none" if request.context else "conversational_a")
+        voice = self.voice(request)
         return PRESETS[voice].speaker if voice != "none" else 0
 
-    def max_audio_ms(self, request: GenerateRequest, text: str) -> int:
-        if request.max_audio_length_ms is not None:
-            return request.max_audio_length_ms
-        auto = AUTO_MS_BASE + AUTO_MS_PER_CHAR * len(text)
-        return min(auto, self.settings.limits.max_audio_length_ms)
+    def utterances(self, request: GenerateRequest) -> list[Utterance]:
+        """Every piece to speak, in order: long text and long turns split at sentences."""
+        turns = ([(self.speaker(request), request.words)] if request.turns is None
+                 else [(t.speaker, t.text) for t in request.turns])
+        out = []
+        for speaker, text in turns:
+            for piece in split_text(text, PIECE_CHARS):
+                ms = request.max_audio_length_ms or min(
+                    AUTO_MS_BASE + AUTO_MS_PER_CHAR * len(piece),
+                    self.settings.limits.max_audio_length_ms)
+                out.append(Utterance(speaker, piece, ms))
+        return out
 
-    def generate(self, request: GenerateRequest) -> dict[str, Any]:
-        started = time.perf_counter()
-        context = tuple(self.context_segments(request))
-        text = request.words
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        result = self.engine.generate(GenerationRequest(
-            text=text, speaker=self.speaker(request), context=context,
-            max_audio_length_ms=self.max_audio_ms(request, text),
-            temperature=float(request.temperature), topk=request.topk, seed=seed,
-            watermark_key=self.settings.watermark_key))
-        return self.response(request, result, started)
+    def plan(self, request: GenerateRequest) -> GenerationRequest:
+        first, *rest = self.utterances(request)
+        return GenerationRequest(
+            text=first.text, speaker=first.speaker, then=tuple(rest),
+            max_audio_length_ms=first.max_audio_length_ms,
+            context=self.context_segments(request),
+            temperature=float(request.temperature), topk=request.topk,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
+            watermark_key=self.settings.watermark_key)
 
-    def response(self, request: GenerateRequest, result: GenerationResult,
-                 started: float) -> dict[str, Any]:
-        encode_start = time.perf_counter()
-        data = encode_audio(result.audio, result.sample_rate, request.response_format)
-        timings = {k: round(v, 3) for k, v in result.timings_ms.items()}
-        timings["encode_ms"] = round(1000 * (time.perf_counter() - encode_start), 3)
-        timings["job_ms"] = round(1000 * (time.perf_counter() - started), 3)
+    # ---- engine result -> response -----------------------------------------------------
+    def summary(self, generation: Generation, result_audio_ms: float, frames: int,
+                watermarked: bool, timings: dict[str, float]) -> dict[str, Any]:
+        timings = {k: round(v, 3) for k, v in timings.items()}
         timings["load_ms"] = round(self.engine.load_ms, 3)
         return {
-            "audio_base64": to_base64(data),
-            "format": request.response_format,
-            "media_type": MEDIA_TYPES[request.response_format],
-            "sample_rate": result.sample_rate,
-            "duration_ms": round(result.duration_ms, 3),
-            "frames": result.frames,
-            "seed": result.seed,
-            "stop_reason": result.stop_reason,
-            "watermarked": result.watermarked,
+            "sample_rate": SAMPLE_RATE,
+            "duration_ms": round(result_audio_ms, 3),
+            "frames": frames,
+            "utterances": len(generation.request.utterances),
+            "seed": generation.request.seed,
+            "stop_reason": generation.stop_reason(),
+            "watermarked": watermarked,
             "timings": timings,
         }
+
+    def response(self, request: GenerateRequest, generation: Generation,
+                 blocks: list[AudioBlock]) -> dict[str, Any]:
+        result = self.engine.finish(generation, blocks)
+        start = time.perf_counter()
+        data = encode_audio(result.audio, result.sample_rate, request.response_format)
+        timings = dict(result.timings_ms, encode_ms=1000 * (time.perf_counter() - start))
+        return {"audio_base64": to_base64(data), "format": request.response_format,
+                "media_type": MEDIA_TYPES[request.response_format],
+                **self.summary(generation, result.duration_ms, result.frames,
+                               result.watermarked, timings)}
 
     def verify(self, request: VerifyRequest) -> dict[str, Any]:
         raw = decode_base64("audio_base64", request.audio_base64,

@@ -1,0 +1,73 @@
+"""Encoding audio incrementally, so that streamed chunks concatenate into one valid file.
+
+- pcm: raw little-endian 16-bit samples, no header.
+- wav: the first chunk starts with a WAV header whose sizes say "unknown" (0xFFFFFFFF, what
+  streaming servers send); the rest is raw PCM.
+- ogg (Vorbis), opus (Ogg Opus), mp3: libsndfile's own encoder writing into memory; each
+  chunk is the bytes it produced since the last one (Ogg emits whole pages, so a chunk can
+  be empty until a page fills).
+FLAC rewrites its header when the file closes, so it cannot be streamed this way.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import soundfile as sf
+from torch import Tensor
+
+from .audio_io import OUTPUT_FORMATS
+
+STREAM_FORMATS = ("pcm", "wav", "ogg", "opus", "mp3")
+
+
+def _pcm16(audio: Tensor) -> bytes:
+    samples = audio.detach().float().cpu().clamp(-1, 1).numpy()
+    return (samples * 32767).round().astype("<i2").tobytes()
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
+            b"data" + struct.pack("<I", unknown))
+
+
+class StreamEncoder:
+    def __init__(self, fmt: str, sample_rate: int):
+        if fmt not in STREAM_FORMATS:
+            raise ValueError(f"{fmt} cannot be streamed; use one of {', '.join(STREAM_FORMATS)}")
+        self.fmt = fmt
+        self.sample_rate = sample_rate
+        self.started = False
+        self.buffer: io.BytesIO | None = None
+        self.file: sf.SoundFile | None = None
+        self.sent = 0
+        if fmt in ("ogg", "opus", "mp3"):
+            container, subtype = OUTPUT_FORMATS[fmt]
+            self.buffer = io.BytesIO()
+            self.file = sf.SoundFile(self.buffer, "w", samplerate=sample_rate, channels=1,
+                                     format=container, subtype=subtype)
+
+    def push(self, audio: Tensor) -> bytes:
+        if self.file is None:
+            header = b"" if self.started or self.fmt == "pcm" else wav_stream_header(
+                self.sample_rate)
+            self.started = True
+            return header + _pcm16(audio)
+        self.file.write(audio.detach().float().cpu().clamp(-1, 1).numpy().astype(np.float32))
+        return self._new_bytes()
+
+    def close(self) -> bytes:
+        if self.file is None:
+            return b"" if self.started or self.fmt == "pcm" else wav_stream_header(
+                self.sample_rate)
+        self.file.close()
+        return self._new_bytes()
+
+    def _new_bytes(self) -> bytes:
+        data = self.buffer.getvalue()
+        new, self.sent = data[self.sent:], len(data)
+        return new
