@@ -75,6 +75,9 @@ class GenerateRequest(_Strict):
             raise ValueError("speaker: not allowed with turns (each turn has its speaker)")
         if self.turns is not None and not self.turns:
             raise ValueError("turns: must not be empty")
+        if self.stream and self.response_format == "flac":
+            raise ValueError("response_format: flac cannot be streamed (its header is written "
+                             "last); use wav, pcm, ogg, opus or mp3 with stream")
         words = self.text if self.text is not None else self.input
         if words is not None and not words.strip():
             raise ValueError("text: must not be empty")
