@@ -1,0 +1,121 @@
+"""Shared helpers for the worker tests: audio files made in the test, decoding responses,
+running a Worker's async generator from synchronous tests, and the handler subprocess.
+
+The tiny model folder has RANDOM weights: what it generates is noise, never speech. The
+tests check plumbing (lengths, formats, fields, errors), never what the audio sounds like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_RATE = 24_000
+SAMPLES_PER_FRAME = 1920  # one 80 ms Mimi frame at 24 kHz
+
+
+def tone(seconds: float, rate: int, channels: int = 1, freq: float = 220.0,
+         amplitude: float = 0.3) -> np.ndarray:
+    """A plain sine (float32, [samples, channels]): audible, not silent, not speech."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    wave = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.repeat(wave[:, None], channels, axis=1)
+
+
+def audio_file(seconds: float, rate: int = 44_100, channels: int = 1, fmt: str = "WAV",
+               subtype: str | None = None, amplitude: float = 0.3) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds, rate, channels, amplitude=amplitude), rate, format=fmt,
+             subtype=subtype or ("PCM_16" if fmt in ("WAV", "FLAC") else "VORBIS"))
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def audio_b64(*args: Any, **kwargs: Any) -> str:
+    return b64(audio_file(*args, **kwargs))
+
+
+def decode_audio(response: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """A response's audio_base64 -> (samples, rate); pcm is raw little-endian 16-bit mono."""
+    raw = base64.b64decode(response["audio_base64"], validate=True)
+    return decode_bytes(raw, response["format"])
+
+
+def decode_bytes(raw: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    if fmt == "pcm":
+        assert len(raw) % 2 == 0, "pcm must hold whole 16-bit samples"
+        return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767, SAMPLE_RATE
+    data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    assert data.shape[1] == 1, "the worker answers in mono"
+    return data[:, 0], rate
+
+
+def stream_wav_frames(raw: bytes) -> np.ndarray:
+    """A streamed WAV (sizes 0xFFFFFFFF: "unknown") -> its 16-bit samples.
+
+    libsndfile does read such files, but this parses the 44-byte header itself so that the
+    test also checks the header fields the stream encoder writes.
+    """
+    assert raw[:4] == b"RIFF" and raw[8:16] == b"WAVEfmt ", raw[:16]
+    fmt_size, audio_fmt, channels, rate, byte_rate, align, bits = np.frombuffer(
+        raw[16:36], dtype="<u4,<u2,<u2,<u4,<u4,<u2,<u2")[0]
+    assert (fmt_size, audio_fmt, channels, rate, byte_rate, align, bits) == (
+        16, 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+    assert raw[36:40] == b"data"
+    body = raw[44:]
+    assert len(body) % 2 == 0
+    return np.frombuffer(body, dtype="<i2")
+
+
+async def collect(worker: Any, payload: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    return [item async for item in worker.run(payload, **kwargs)]
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    return loop.run_until_complete(coro)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def handler_env(model_dir: Path, **limits: str) -> dict[str, str]:
+    """The environment for `python handler.py`: the tiny model and small limits."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CSM_", "RUNPOD_"))}  # nothing leaks in from the caller
+    env.update({"CSM_MODEL_DIR": str(model_dir), "CSM_DEVICE": "cpu",
+                "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    env.update(limits)
+    return env
+
+
+def handler_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-u", str(REPO / "handler.py"), *args]
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate, then kill: never leave a server behind."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
