@@ -122,7 +122,7 @@ def explain(exc: BaseException, remote: Remote, revision: str | None) -> str:
 def disk_full_message(exc: OSError) -> str:
     where = exc.filename or "the destination"
     return (f"no space left on the device while writing {where}: the model folder needs about "
-            "9.5 GB free while it is built (6.2 GB download + 3.1 GB bfloat16 copy), "
+            "10 GB free while it is built (6.6 GB download + 3.1 GB bfloat16 copy), "
             "then 3.5 GB (bfloat16) or 6.6 GB (float32); free some space or choose another --dest")
 
 
@@ -145,8 +145,8 @@ def verify(path: Path, remote: Remote, check_size: bool) -> None:
             f"{remote.size:,} bytes: delete it and run again, or pass --no-verify-sizes for a fine-tune")
     if path.suffix == ".safetensors":
         try:
-            with safe_open(path, framework="pt") as f:
-                f.keys()
+            with safe_open(path, framework="pt"):
+                pass  # opening parses the header
         except SafetensorError as exc:
             raise FetchError(f"{remote.dest} is not a readable safetensors file ({exc}): run again") from exc
 
@@ -160,8 +160,9 @@ TO_BF16 = {"F32", "F64"}
 def convert_to_bf16(path: Path) -> None:
     """Rewrite a safetensors file with bfloat16 weights, same key names, one tensor in memory at a time.
 
-    safetensors' own writer wants every tensor in memory at once (12 GB for csm-1b), so the file is
-    written by hand: 8-byte header length, JSON header, then the tensors back to back.
+    safetensors' own writer takes the whole converted state dict at once (3.1 GB for csm-1b, on
+    top of the tensor being read), so the file is written by hand: 8-byte header length, JSON
+    header, then the tensors back to back.
     """
     partial = path.with_name(path.name + ".partial")
     with safe_open(path, framework="pt") as src:

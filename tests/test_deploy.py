@@ -45,6 +45,7 @@ class FakeSDK:
         self.calls: list[tuple[str, dict]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(runpod, "api_key", None)  # deploy sets it; restored after the test
         monkeypatch.setattr(runpod, "get_endpoints", self.get_endpoints)
         monkeypatch.setattr(runpod, "create_template", self.create_template)
         monkeypatch.setattr(runpod, "create_endpoint", self.create_endpoint)
