@@ -19,8 +19,8 @@ from typing import Literal
 
 import runpod
 import yaml
-from runpod.error import AuthenticationError, QueryError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from runpod.error import AuthenticationError, QueryError
 
 # RunPod serverless GPU pools and their memory (GB). CSM-1B needs about 4 GB for bf16 weights,
 # Mimi and KV caches; 24 GB is the floor we test and size for (concurrent streams, compile workspaces).
@@ -40,10 +40,13 @@ IMAGE_REFERENCE = re.compile(
 REQUIRED_ENV = ("CSM_MODEL_DIR", "CSM_WATERMARK_KEY")
 
 
-def graphql_safe(value: str) -> str:
-    """runpod 1.10 pastes strings into GraphQL unescaped: a quote, backslash or newline breaks the query."""
+def graphql_safe(value: str, what: str) -> str:
+    """runpod 1.10 pastes strings into GraphQL unescaped: a quote, backslash or newline breaks the query.
+
+    The message names the field, not the value, which may be a credential.
+    """
     if any(c in value for c in '"\\\n\r'):
-        raise ValueError(f"{value!r} contains a quote, backslash or line break, which the RunPod SDK cannot send")
+        raise ValueError(f"{what} contains a quote, backslash or line break, which the RunPod SDK cannot send")
     return value
 
 
@@ -116,10 +119,10 @@ class EndpointConfig(BaseModel):
                 raise ValueError(f"CUDA {version} is too old: the image's torch needs 12.8 or newer")
         return versions
 
-    @field_validator("name", "registry_auth_id")
+    @field_validator("registry_auth_id")
     @classmethod
     def sendable(cls, value: str | None) -> str | None:
-        return value if value is None else graphql_safe(value)
+        return value if value is None else graphql_safe(value, "registry_auth_id")
 
     @field_validator("env")
     @classmethod
@@ -127,7 +130,7 @@ class EndpointConfig(BaseModel):
         for key, value in env.items():
             if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
                 raise ValueError(f"environment variable name {key!r} should be UPPER_SNAKE_CASE")
-            graphql_safe(value)
+            graphql_safe(value, key)
             if SECRET_NAME.search(key) and not SECRET_REFERENCE.match(value):
                 raise ValueError(
                     f"{key} must be a RunPod secret reference such as "
