@@ -134,6 +134,13 @@ def test_invalid_config_is_refused(case: str, tmp_path: Path, no_api: None,
     assert message in err
 
 
+def test_refusals_never_echo_a_credential(tmp_path: Path, no_api: None, capsys: pytest.CaptureFixture) -> None:
+    data = repo_config()
+    data["env"]["HF_TOKEN"] = 'hf_sec"ret'
+    assert deploy.main(["--config", str(write(tmp_path, data)), "--dry-run"]) == 1
+    assert "hf_sec" not in capsys.readouterr().err
+
+
 def test_dry_run_prints_the_plan_and_calls_nothing(no_api: None, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
