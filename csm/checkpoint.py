@@ -43,13 +43,13 @@ _HF_RENAMES = [
     (r"\.post_attention_layernorm\.weight$", ".mlp_norm.scale"),
     (r"^embed_text_tokens\.", "text_embeddings."),
     (r"^backbone_model\.embed_tokens\.embed_audio_tokens\.", "audio_embeddings."),
+    # The depth decoder's copy of the same (tied) table: save_pretrained keeps only this one.
+    (r"^depth_decoder\.model\.embed_tokens\.", "audio_embeddings."),
     (r"^lm_head\.", "codebook0_head."),
     (r"^depth_decoder\.codebooks_head\.weight$", "audio_head"),
     (r"^depth_decoder\.model\.inputs_embeds_projector\.", "projection."),
 ]
-# transformers keeps a second copy of the audio embeddings in the depth decoder (tied to the
-# backbone's in CSM) and the Mimi codec; we read Mimi through moshi.
-_HF_TIED_COPY = "depth_decoder.model.embed_tokens.weight"
+# transformers checkpoints also hold the Mimi codec; we read Mimi through moshi.
 _HF_IGNORED = re.compile(r"^codec_model\.")
 
 
@@ -134,15 +134,15 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu",
     model = build_empty_model(cfg, device, dtype)
     targets = model.state_dict()
     loaded: set[str] = set()
-    tied_copy: tuple[Path, Tensor] | None = None
+    # Decided over all files: a transformers shard may hold only un-prefixed keys (lm_head).
+    hf_format = False
+    for path in files:
+        with _open_weights(path, torch.device("cpu")) as (keys, _):
+            hf_format = hf_format or _is_transformers_format(keys)
     for path in files:
         with _open_weights(path, device) as (keys, read):
-            hf_format = _is_transformers_format(keys)
             for key in keys:
                 if hf_format and _HF_IGNORED.match(key):
-                    continue
-                if hf_format and key == _HF_TIED_COPY:
-                    tied_copy = (path, read(key).to(dtype))
                     continue
                 name, transform = _original_name(key, cfg) if hf_format else (key, _same)
                 if name not in targets:
@@ -153,16 +153,17 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu",
                         f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
                         f"(config {model_dir}/config.json or csm-1b) expects "
                         f"{tuple(targets[name].shape)}")
+                if name in loaded:  # a tied copy: CSM shares it, so it must be the same table
+                    if not torch.equal(transform(tensor).to(dtype), targets[name]):
+                        raise CheckpointError(
+                            f"{path}: key {key!r} is a second copy of {name!r} that differs "
+                            "from the first; CSM ties them and this engine cannot serve "
+                            "untied copies")
+                    continue
                 targets[name].copy_(transform(tensor))
                 loaded.add(name)
     missing = sorted(set(targets) - loaded)
     if missing:
         raise CheckpointError(
             f"{', '.join(map(str, files))}: missing {len(missing)} key(s), first {missing[:3]}")
-    if tied_copy is not None:
-        path, copy = tied_copy
-        if not torch.equal(copy, model.audio_embeddings.weight):
-            raise CheckpointError(
-                f"{path}: key {_HF_TIED_COPY!r} differs from the backbone's audio embeddings; "
-                "CSM ties them and this engine cannot serve untied copies")
     return model

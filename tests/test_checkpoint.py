@@ -78,15 +78,6 @@ def transformers_model(ref_state) -> CsmForConditionalGeneration:
     return hf
 
 
-def restore_tied_copy(path: Path) -> None:
-    """save_pretrained keeps only the depth decoder's copy of the tied audio embeddings; put
-    the backbone's back (see test_save_pretrained_output_loads_unmodified)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    state.setdefault(HF_BACKBONE_AUDIO, state[HF_DECODER_AUDIO].clone())
-    save_file(state, str(path), metadata=metadata)
-
-
 LAYOUTS = ("original_safetensors", "ckpt_pt", "ckpt_pt_wrapped", "hub_transformers_shards",
            "save_pretrained")
 
@@ -105,7 +96,6 @@ def layouts(tmp_path_factory, reference, ref_state) -> dict[str, Path]:
     write_weights(reference, d, "transformers")
     out["save_pretrained"] = d = root / "save_pretrained"
     transformers_model(ref_state).save_pretrained(d)  # writes its own config.json
-    restore_tied_copy(d / "model.safetensors")
     return out
 
 
@@ -132,15 +122,9 @@ def test_every_layout_loads_identical_parameters(layouts, ref_state, layout):
         assert torch.equal(v, ref_state[k]), f"{layout}: {k} differs"
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError, reason=(
-    "transformers' save_pretrained stores only one of the two tied audio-embedding tensors: "
-    f"it keeps {HF_DECODER_AUDIO!r} and drops {HF_BACKBONE_AUDIO!r}, which is the only one "
-    "csm/checkpoint.py reads (it merely compares the decoder copy), so the load fails with "
-    "`missing 1 key(s), first ['audio_embeddings.weight']`. Any CSM written by save_pretrained "
-    "(e.g. a fine-tune) hits this. Fix in the loader: when the backbone key is absent, load "
-    "audio_embeddings from the depth decoder copy."))
 @pytest.mark.parametrize("shard", [None, "300KB"])
 def test_save_pretrained_output_loads_unmodified(tmp_path, ref_state, shard):
+    """save_pretrained keeps only the depth decoder's copy of the tied audio embeddings."""
     kwargs = {} if shard is None else {"max_shard_size": shard}
     transformers_model(ref_state).save_pretrained(tmp_path, **kwargs)
     if shard is not None:

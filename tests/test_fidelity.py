@@ -141,23 +141,6 @@ def randomise_(model: CsmForConditionalGeneration, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
 
-def restore_tied_copy(folder: Path) -> None:
-    """Put back the backbone's audio embeddings that save_pretrained drops.
-
-    transformers 4.57 saves only one of two tied tensors: of `backbone_model.embed_tokens.
-    embed_audio_tokens.weight` and `depth_decoder.model.embed_tokens.weight` it keeps the
-    latter, and our loader only reads the former (test_checkpoint.py has the xfail that shows
-    it). The fidelity tests are about numbers, so they add the key back and go on.
-    """
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if HF_BACKBONE_AUDIO not in state:
-        state[HF_BACKBONE_AUDIO] = state[HF_DECODER_AUDIO].clone()
-        save_file(state, str(path), metadata=metadata)
-
-
 @dataclass
 class Pair:
     hf: CsmForConditionalGeneration
@@ -174,7 +157,6 @@ def pair(tmp_path_factory) -> Pair:
         hf.depth_decoder.model.embed_tokens.weight
     folder = tmp_path_factory.mktemp("hf_tiny")
     hf.save_pretrained(folder)  # safetensors, a single model.safetensors at this size
-    restore_tied_copy(folder)
     ours = load_model(folder, "cpu", torch.float32)
     ours.setup_caches(1)
     # The codec is not under test: hand transformers our codes instead of running Mimi.

@@ -1,0 +1,230 @@
+"""The engine's generation machinery against a plain frame-by-frame loop, on random weights.
+
+The plain loop below is the reference's `generate` written out: batch 1, sync after every
+frame, stop on the first all-zero frame. The engine instead runs the batched scheduler on
+static buffers, checks for the end every few frames and decodes Mimi in streaming mode;
+these tests show that the two draw exactly the same codes and audio.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csm.checkpoint import load_model
+from csm.engine import Engine, GenerationRequest, PromptTooLongError, Utterance
+from csm.model import SamplingState
+from csm.scheduler import CHECK_EVERY
+
+
+def plain_generate(model, tokens, mask, max_frames, temperature, topk, seed):
+    """Frame by frame like the reference, with a sync and an end check every frame."""
+    model.setup_caches(1)
+    rows = slice(0, 1)
+    n = tokens.shape[0]
+    h = model.prefill(tokens[None], mask[None], torch.arange(n)[None], rows)
+    frames = []
+    for i in range(max_frames):
+        sampling = SamplingState(torch.tensor([temperature]), torch.tensor([topk]),
+                                 torch.tensor([seed]), torch.tensor([i]))
+        codes = model.decode_codes(h, sampling, rows)
+        if bool((codes == 0).all()):
+            break
+        frames.append(codes[0])
+        step = torch.cat([codes, torch.zeros(1, 1, dtype=torch.long)], dim=1)[:, None]
+        step_mask = torch.ones_like(step, dtype=torch.bool)
+        step_mask[..., -1] = False
+        h = model.prefill(step, step_mask, torch.tensor([[n + i]]), rows)
+    return torch.stack(frames, dim=1) if frames else torch.zeros(32, 0, dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.load(tiny_model_dir, device="cpu", max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def voice(engine, tiny_model_dir):
+    audio, rate = sf.read(tiny_model_dir / "prompts" / "conversational_a.wav", dtype="float32")
+    return engine.segment(0, "a reference turn", torch.from_numpy(audio), rate)
+
+
+def request(voice, seed=0, ms=1200, text="Hello there.", **kw):
+    return GenerationRequest(text=text, speaker=0, context=(voice,), max_audio_length_ms=ms,
+                             seed=seed, **kw)
+
+
+@torch.inference_mode()
+def test_engine_draws_the_plain_loops_codes(engine, plain_model, voice):
+    for seed, topk, temperature in [(0, 50, 0.9), (7, 1, 1.0), (123, 5, 1.5)]:
+        req = request(voice, seed=seed, topk=topk, temperature=temperature, ms=960)
+        piece = engine.piece(req.context, [], req.utterances[0])
+        expected = plain_generate(plain_model, piece.tokens, piece.mask, piece.max_frames,
+                                  temperature, topk, seed)
+        got = engine.generate(req).codes
+        assert expected.shape[1] == 12
+        assert torch.equal(got, expected), f"seed {seed}: codes differ"
+
+
+def test_streamed_mimi_decode_equals_whole_clip_decode(engine, voice):
+    result = engine.generate(request(voice, seed=3, ms=2000))
+    whole = engine.codec.decode(result.codes).cpu()
+    assert result.audio.shape == whole.shape == (25 * 1920,)
+    assert (result.audio - whole).abs().max() < 1e-5
+
+
+def test_generate_is_reproducible_and_seed_dependent(engine, voice):
+    a = engine.generate(request(voice, seed=11))
+    b = engine.generate(request(voice, seed=11))
+    c = engine.generate(request(voice, seed=12))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.audio, b.audio)
+    assert not torch.equal(a.codes, c.codes)
+
+
+def test_batched_jobs_match_jobs_run_alone_whenever_they_join(engine, voice):
+    reqs = [request(voice, seed=s, ms=1200 + 160 * s, text=f"Sentence number {s}.")
+            for s in range(6)]  # 6 jobs, 4 slots: two wait, then reuse freed slots
+    alone = [engine.generate(r).codes for r in reqs]
+    generations = []
+    for r in reqs:
+        generations.append(engine.start(r))
+        time.sleep(0.05)  # staggered: jobs join a batch already running
+    together = [engine.finish(g, list(g.blocks())).codes for g in generations]
+    for s, (a, t) in enumerate(zip(alone, together)):
+        assert torch.equal(a, t), f"job {s} changed when batched"
+
+
+def test_end_frame_stops_a_job_mid_block_and_is_dropped(engine, voice, monkeypatch):
+    """Make the model emit its end frame at frame 6 (mid-block) for one seed only."""
+    model = engine.model
+    original = model.decode_codes
+    end_at, ending_seed = 6, 99
+
+    def decode_codes(h, sampling, rows):
+        codes = original(h, sampling, rows)
+        stop = (sampling.frame_index == end_at) & (sampling.seed == ending_seed)
+        return torch.where(stop[:, None], torch.zeros_like(codes), codes)
+
+    monkeypatch.setattr(model, "decode_codes", decode_codes)
+    ending = engine.start(request(voice, seed=ending_seed, ms=2000))
+    other = engine.start(request(voice, seed=5, ms=2000))
+    ended = engine.finish(ending, list(ending.blocks()))
+    full = engine.finish(other, list(other.blocks()))
+    assert end_at % CHECK_EVERY != 0
+    assert ended.frames == end_at and ended.stop_reason == "end_of_speech"
+    assert ended.audio.shape[0] == end_at * 1920
+    assert full.frames == 25 and full.stop_reason == "max_length"
+
+
+def test_prompt_too_long_is_refused_before_any_work(engine, voice):
+    long_voice = type(voice)(speaker=0, text="x", codes=torch.zeros(32, 1950, dtype=torch.long))
+    with pytest.raises(PromptTooLongError, match=r"positions.*max_audio_length_ms=10000"):
+        engine.start(GenerationRequest(text="hi", context=(long_voice,)))
+    assert engine.scheduler.active_jobs == 0
+
+
+def test_history_is_dropped_oldest_first_to_fit_the_window(engine):
+    """Utterance 3 with a context leaving room for about one earlier utterance."""
+    codes = torch.zeros(32, 300, dtype=torch.long)
+    history = [(Utterance(0, f"turn {i}", 800), codes) for i in range(3)]
+    piece = engine.piece((), history, Utterance(0, "now", 80_000))
+    # 80 s leaves 2048 - 1000 = 1048 positions: 3 turns of ~305 positions each fit, a 4th not.
+    assert 900 < len(piece.tokens) < 1048
+    piece_small = engine.piece((), history, Utterance(0, "now", 110_000))
+    assert len(piece_small.tokens) < len(piece.tokens)  # older turns were dropped
+
+
+def test_multi_utterance_job_is_continuous_across_pieces(engine, voice):
+    req = request(voice, seed=4, ms=640, text="First piece.",
+                  then=(Utterance(1, "Second piece.", 640), Utterance(0, "Third.", 640)))
+    result = engine.generate(req)
+    assert result.frames == 24
+    whole = engine.codec.decode(result.codes).cpu()
+    # One Mimi state runs through the pieces: the joined audio is one decode of all codes.
+    assert (result.audio - whole).abs().max() < 1e-5
+
+
+def test_cancel_frees_the_slot(engine, voice):
+    generation = engine.start(request(voice, seed=1, ms=8000))
+    blocks = generation.blocks()
+    next(blocks)
+    generation.cancel()
+    rest = list(blocks)
+    assert len(rest) < 8000 // 80 // CHECK_EVERY
+    deadline = time.time() + 10
+    while engine.scheduler.active_jobs and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.scheduler.active_jobs == 0
+    assert generation.stop_reason() == "cancelled"
+    assert engine.generate(request(voice, seed=2, ms=320)).frames == 4
+
+
+def test_a_failing_job_does_not_disturb_others(engine, voice, monkeypatch):
+    bad = engine.start(request(voice, seed=1, ms=1600, text="bad one"))
+    good = engine.start(request(voice, seed=2, ms=1600, text="good one"))
+    original = bad.job.next_piece
+
+    def explode(codes, reason):
+        raise RuntimeError("boom")
+
+    bad.job.next_piece = explode
+    with pytest.raises(RuntimeError, match="boom"):
+        list(bad.blocks())
+    assert engine.finish(good, list(good.blocks())).frames == 20
+    bad.job.next_piece = original
+
+
+def test_frame_step_compiles_as_one_graph(plain_model):
+    """No host sync and no data-dependent Python control flow: what CUDA graphs need."""
+    model = plain_model
+    model.setup_caches(2)
+    rows = slice(0, 2)
+    h = torch.randn(2, model.cfg.backbone.dim)
+    pos = torch.tensor([5, 9])
+    sampling = SamplingState(torch.tensor([0.9, 1.2]), torch.tensor([50, 3]),
+                             torch.tensor([1, 2]), torch.tensor([0, 4]))
+    # The eager backend traces with dynamo exactly as inductor would (fullgraph=True fails on
+    # any graph break) without spending minutes generating CPU kernels.
+    compiled = torch.compile(model.frame_step, fullgraph=True, dynamic=False, backend="eager")
+    with torch.inference_mode():
+        eager_codes, eager_h = model.frame_step(h, pos, sampling, rows)
+        codes, h_next = compiled(h, pos, sampling, rows)
+    assert torch.equal(codes, eager_codes)
+    assert torch.equal(h_next, eager_h)
+
+
+def test_counter_based_noise_is_uniform_and_row_independent():
+    from csm.sampling import uniform_noise
+
+    seeds = torch.tensor([1, 1, 2])
+    counters = torch.tensor([5, 6, 5])
+    u = uniform_noise(seeds, counters, 200_000)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    alone = uniform_noise(seeds[2:], counters[2:], 200_000)
+    assert torch.equal(alone[0], u[2])
+    hist = np.histogram(u[0].numpy(), bins=10, range=(0, 1))[0]
+    assert hist.min() > 0.9 * hist.mean()
+
+
+def test_topk_sampling_keeps_only_the_top_k():
+    from csm.sampling import sample_topk
+
+    logits = torch.arange(100, dtype=torch.float32).repeat(400, 1)  # best token is 99
+    draws = sample_topk(logits, torch.full((400,), 5.0), torch.full((400,), 3),
+                        torch.arange(400), torch.zeros(400, dtype=torch.long))
+    assert set(draws.tolist()) == {97, 98, 99}
+    greedy = sample_topk(logits, torch.full((400,), 0.9), torch.ones(400, dtype=torch.long),
+                         torch.arange(400), torch.zeros(400, dtype=torch.long))
+    assert set(greedy.tolist()) == {99}
