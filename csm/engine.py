@@ -26,7 +26,7 @@ from .checkpoint import load_model
 from .codec import SAMPLE_RATE, MimiCodec
 from .model import CSM
 from .prompt import Segment, build_prompt
-from .scheduler import Job, Piece, Scheduler
+from .scheduler import Job, Piece, Prefix, Scheduler
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
@@ -165,6 +165,7 @@ class Engine:
         self.device = model.codebook0_head.weight.device
         start = time.perf_counter()
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs)
+        self.prefixes: list[tuple[Segment, Prefix]] = []
         self.load_ms = load_ms + 1000 * (time.perf_counter() - start)
 
     @classmethod
@@ -192,6 +193,16 @@ class Engine:
         codes = self.codec.encode(resample(audio, sample_rate, SAMPLE_RATE))
         return Segment(speaker=speaker, text=text, codes=codes.cpu())
 
+    def register_prefix(self, segment: Segment) -> None:
+        """Prefill a context turn once (a preset voice); prompts that start with this very
+        segment then copy its keys and values instead of prefilling it again."""
+        tokens, mask = build_prompt(
+            [(self.tokenizer.encode_turn(segment.speaker, segment.text), segment.codes)], None)
+        self.prefixes.append((segment, self.scheduler.compute_prefix(tokens, mask)))
+
+    def _prefix_for(self, context: tuple[Segment, ...]) -> Prefix | None:
+        return next((p for s, p in self.prefixes if context and context[0] is s), None)
+
     def piece(self, context: tuple[Segment, ...], history: list[tuple[Utterance, Tensor]],
               utterance: Utterance) -> Piece:
         """The prompt for one utterance: fixed context, then as much history as fits."""
@@ -204,7 +215,7 @@ class Engine:
         while True:
             tokens, mask = build_prompt(fixed + recent, target)
             if tokens.shape[0] < limit:
-                return Piece(tokens, mask, max_frames)
+                return Piece(tokens, mask, max_frames, self._prefix_for(context))
             if not recent:
                 raise PromptTooLongError(
                     f"the prompt (text plus context) takes {tokens.shape[0]} positions; with "

@@ -141,10 +141,15 @@ class Transformer(nn.Module):
             layer.attn.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
             layer.attn.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
-    @property
-    def max_batch(self) -> int:
-        cache = self.layers[0].attn.k_cache
-        return 0 if cache is None else cache.shape[0]
+    def read_cache(self, row: int, length: int) -> list[tuple[Tensor, Tensor]]:
+        """A copy of one row's keys and values for positions [0, length)."""
+        return [(layer.attn.k_cache[row, :, :length].clone(),
+                 layer.attn.v_cache[row, :, :length].clone()) for layer in self.layers]
+
+    def write_cache(self, row: int, kv: list[tuple[Tensor, Tensor]]) -> None:
+        for layer, (k, v) in zip(self.layers, kv):
+            layer.attn.k_cache[row, :, :k.shape[1]].copy_(k)
+            layer.attn.v_cache[row, :, :v.shape[1]].copy_(v)
 
     def forward(self, x: Tensor, pos: Tensor, rows: slice) -> Tensor:
         """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them)."""

@@ -45,13 +45,15 @@ def audio_positions(codes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def build_prompt(context: list[tuple[list[int], Tensor]],
-                 text_ids: list[int]) -> tuple[Tensor, Tensor]:
-    """context: (text token ids, codes) per turn; text_ids: the turn to speak.
+                 text_ids: list[int] | None) -> tuple[Tensor, Tensor]:
+    """context: (text token ids, codes) per turn; text_ids: the turn to speak (None: the
+    context alone, as a reusable prefix).
 
     Returns tokens, mask: [positions, 33].
     """
     parts = []
     for ids, codes in context:
         parts += [text_positions(ids), audio_positions(codes)]
-    parts.append(text_positions(text_ids))
+    if text_ids is not None:
+        parts.append(text_positions(text_ids))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

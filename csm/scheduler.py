@@ -33,6 +33,14 @@ CHECK_EVERY = 4
 PREFILL_CHUNK = 512
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """The backbone's keys and values for a prompt's first positions, computed once."""
+
+    positions: int
+    kv: list[tuple[Tensor, Tensor]]
+
+
 @dataclass
 class Piece:
     """A prompt to prefill and the frames to draw after it."""
@@ -40,6 +48,7 @@ class Piece:
     tokens: Tensor  # [positions, 33] (CPU)
     mask: Tensor
     max_frames: int
+    prefix: Prefix | None = None  # copied into the slot instead of prefilling tokens[:n]
 
 
 @dataclass
@@ -154,7 +163,21 @@ class Scheduler:
                 log.exception("prefill failed")
                 self._release(job, e)
 
+    def compute_prefix(self, tokens: Tensor, mask: Tensor) -> Prefix:
+        """Prefill a shared prompt prefix once (before the loop starts, in row 0)."""
+        if self.thread is not None:
+            raise RuntimeError("prefixes must be computed before the first job is submitted")
+        n, dev = len(tokens), self.device
+        with torch.inference_mode():
+            self.model.prefill(tokens.to(dev)[None], mask.to(dev)[None],
+                               torch.arange(n, device=dev)[None], slice(0, 1))
+        return Prefix(n, self.model.backbone.read_cache(0, n))
+
     def _prefill_chunk(self, job: Job, budget: int) -> int:
+        prefix = job.piece.prefix
+        if job.prefilled == 0 and prefix is not None:
+            self.model.backbone.write_cache(job.slot, prefix.kv)
+            job.prefilled = prefix.positions
         start = job.prefilled
         end = min(len(job.piece.tokens), start + budget)
         dev, slot = self.device, job.slot

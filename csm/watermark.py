@@ -15,6 +15,7 @@ import threading
 import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soxr
@@ -88,7 +89,7 @@ def parse_key(value: str | Sequence[int]) -> tuple[int, int, int, int, int]:
 class Watermarker:
     """SilentCipher's 44.1 kHz model, safe to share between threads of one process."""
 
-    def __init__(self, model: object) -> None:
+    def __init__(self, model: Any) -> None:  # a silentcipher.server.Model
         self._model = model
 
     @classmethod
@@ -121,7 +122,9 @@ class Watermarker:
                     _normalise_with_clip_statistics(layer)
         return cls(model)
 
-    def embed(self, audio: torch.Tensor, sample_rate: int, key: str | Sequence[int]) -> torch.Tensor:
+    def embed(
+        self, audio: torch.Tensor, sample_rate: int, key: str | Sequence[int]
+    ) -> torch.Tensor:
         """Return `audio` carrying `key`, with the same length, dtype, device and sample rate.
 
         SilentCipher accepts clips of any non-zero length, so every non-silent clip is marked as
@@ -139,7 +142,7 @@ class Watermarker:
             marked, _ = self._model.encode_wav(
                 at_44k, WATERMARK_SAMPLE_RATE, message, calc_sdr=False, message_sdr=36
             )
-        marked = _resample(marked.astype(np.float32, copy=False), WATERMARK_SAMPLE_RATE, sample_rate)
+        marked = _resample(marked.astype(np.float32), WATERMARK_SAMPLE_RATE, sample_rate)
         marked = _fit_length(marked, samples.shape[0])
         return torch.from_numpy(marked).to(device=audio.device, dtype=audio.dtype)
 
@@ -151,7 +154,9 @@ class Watermarker:
             return False
         at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
         with _SILENTCIPHER_LOCK:
-            result = self._model.decode_wav(at_44k, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True)
+            result = self._model.decode_wav(
+                at_44k, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True
+            )
         return bool(result["status"]) and result["messages"][0] == expected
 
 

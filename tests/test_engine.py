@@ -228,3 +228,22 @@ def test_topk_sampling_keeps_only_the_top_k():
     greedy = sample_topk(logits, torch.full((400,), 0.9), torch.ones(400, dtype=torch.long),
                          torch.arange(400), torch.zeros(400, dtype=torch.long))
     assert set(greedy.tolist()) == {99}
+
+
+def test_preset_prefix_is_copied_not_prefilled_and_changes_nothing(tiny_model_dir, voice):
+    """A registered voice's keys and values are reused: same codes as a full prefill."""
+    fresh = Engine.load(tiny_model_dir, device="cpu", max_batch=2)
+    plain = fresh.generate(request(voice, seed=8, ms=800)).codes
+    cached = Engine.load(tiny_model_dir, device="cpu", max_batch=2)
+    cached.register_prefix(voice)
+    piece = cached.piece((voice,), [], Utterance(0, "Hello there.", 800))
+    assert piece.prefix is not None and piece.prefix.positions == voice.codes.shape[1] + 1 + len(
+        cached.tokenizer.encode_turn(0, voice.text))
+    calls = []
+    original = cached.model.prefill
+    cached.model.prefill = lambda tokens, *a: calls.append(tokens.shape[1]) or original(tokens, *a)
+    got = cached.generate(request(voice, seed=8, ms=800)).codes
+    assert calls[0] == len(piece.tokens) - piece.prefix.positions  # only the new text
+    assert torch.equal(got, plain)
+    with pytest.raises(RuntimeError, match="before the first job"):
+        cached.register_prefix(voice)

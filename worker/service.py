@@ -57,6 +57,7 @@ class Worker:
             audio, rate = sf.read(settings.model_dir / preset.wav, dtype="float32", always_2d=True)
             presets[name] = engine.segment(preset.speaker, preset.transcript,
                                            torch.from_numpy(audio.mean(axis=1)), rate)
+            engine.register_prefix(presets[name])
         if settings.watermark_key_is_public:
             log.warning("CSM_WATERMARK_KEY is unset: watermarking with CSM's public key, which "
                         "anyone can detect; set a private key for this deployment")

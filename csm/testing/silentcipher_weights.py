@@ -45,7 +45,7 @@ _CARRIER_DECODER_IN_DIM = 32 * 3
 
 
 def write_random_silentcipher(folder: Path, seed: int = 0) -> None:
-    """Write enc_c.ckpt, dec_c.ckpt, dec_m_0.ckpt and hparams.yaml, loadable by silentcipher.get_model.
+    """Write the four files silentcipher.get_model loads: enc_c, dec_c, dec_m_0 and hparams.yaml.
 
     Seeded so a test run is reproducible; the global torch RNG is left as it was.
     """
