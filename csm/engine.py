@@ -56,6 +56,8 @@ class GenerationRequest:
     watermark_key: tuple[int, ...] | None = None
     # Further utterances spoken after `text`, each conditioned on everything before it.
     then: tuple[Utterance, ...] = ()
+    # Benchmarks turn this off to time a fixed number of frames.
+    stop_at_end_frame: bool = True
 
     @property
     def utterances(self) -> tuple[Utterance, ...]:
@@ -117,7 +119,7 @@ class Generation:
         self.prompt_positions = len(first.tokens)
         self.job = Job(piece=first, temperature=request.temperature, topk=request.topk,
                        seed=request.seed, on_audio=self._on_audio, next_piece=self._next_piece,
-                       on_done=self._on_done)
+                       on_done=self._on_done, stop_at_end_frame=request.stop_at_end_frame)
 
     def _on_audio(self, audio: Tensor, codes: Tensor) -> None:
         if self.first_audio_ms is None:

@@ -63,6 +63,7 @@ class Job:
     # piece or None when the job is complete.
     next_piece: Callable[[Tensor, str], Piece | None]
     on_done: Callable[[BaseException | None], None]
+    stop_at_end_frame: bool = True
 
     slot: int = -1
     prefilled: int = 0
@@ -202,6 +203,8 @@ class Scheduler:
             frames = block[:, job.slot]
             limit = min(steps, job.piece.max_frames - job.frames_done)
             zero = frames[:limit].eq(0).all(dim=1).nonzero()
+            if not job.stop_at_end_frame:
+                zero = zero[:0]
             n = int(zero[0]) if len(zero) else limit
             valid[job.slot] = n
             job.codes.append(frames[:n].t())

@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from csm.testing import make_tiny
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The loop thread and the test thread share 2 cores: one intra-op thread each avoids
+    oversubscription, which slows small kernels by 10x here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
