@@ -8,9 +8,17 @@ import torch
 from torch import Tensor
 
 
+def resample_array(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """1-D float samples -> 1-D float32 at `to_rate`."""
+    if from_rate == to_rate:
+        return samples.astype(np.float32, copy=False)
+    out = soxr.resample(samples.astype(np.float32, copy=False), from_rate, to_rate, quality="HQ")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def resample(audio: Tensor, from_rate: int, to_rate: int) -> Tensor:
     """1-D float audio, any device -> 1-D float32 on the same device."""
     if from_rate == to_rate:
         return audio.float()
-    out = soxr.resample(audio.detach().float().cpu().numpy(), from_rate, to_rate, quality="HQ")
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(audio.device)
+    out = resample_array(audio.detach().float().cpu().numpy(), from_rate, to_rate)
+    return torch.from_numpy(out).to(audio.device)

@@ -158,8 +158,8 @@ class Generation:
 
 class Engine:
     def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: MimiCodec,
-                 watermarker: Watermarker | None, max_batch: int = 1, load_ms: float = 0.0,
-                 use_graphs: bool | None = None):
+                 watermarker: Watermarker | None, max_batch: int = 1,
+                 startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -168,23 +168,37 @@ class Engine:
         start = time.perf_counter()
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs)
         self.prefixes: list[tuple[Segment, Prefix]] = []
-        self.load_ms = load_ms + 1000 * (time.perf_counter() - start)
+        # Where start-up time went: weights, codec, watermark, caches and graph capture.
+        self.startup_ms = dict(startup_ms or {})
+        self.startup_ms["caches_and_graphs"] = 1000 * (time.perf_counter() - start)
+
+    @property
+    def load_ms(self) -> float:
+        return sum(self.startup_ms.values())
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, max_batch: int = 1,
              use_graphs: bool | None = None) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
-        start = time.perf_counter()
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = load_model(model_dir, device, dtype)
-        tokenizer = TextTokenizer(model_dir / "tokenizer.json")
-        codec = MimiCodec.load(model_dir / "mimi", device)
-        watermarker = Watermarker.load(model_dir / "silentcipher", device)
+        startup: dict[str, float] = {}
+
+        def timed(name, build):
+            start = time.perf_counter()
+            value = build()
+            startup[name] = 1000 * (time.perf_counter() - start)
+            return value
+
+        model = timed("weights", lambda: load_model(model_dir, device, dtype))
+        tokenizer = timed("tokenizer", lambda: TextTokenizer(model_dir / "tokenizer.json"))
+        codec = timed("codec", lambda: MimiCodec.load(model_dir / "mimi", device))
+        watermarker = timed("watermark",
+                            lambda: Watermarker.load(model_dir / "silentcipher", device))
         return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
-                   load_ms=1000 * (time.perf_counter() - start), use_graphs=use_graphs)
+                   startup_ms=startup, use_graphs=use_graphs)
 
     @property
     def max_positions(self) -> int:

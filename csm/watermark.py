@@ -21,6 +21,8 @@ import numpy as np
 import soxr
 import torch
 
+from .audio import resample_array
+
 # CSM's published key: anyone can check for it, so a deployment should set a private one.
 CSM_PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
 
@@ -137,14 +139,22 @@ class Watermarker:
         samples = _to_numpy(audio)
         if not samples.any():
             return audio.clone()
-        at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
-        with _SILENTCIPHER_LOCK:
-            marked, _ = self._model.encode_wav(
-                at_44k, WATERMARK_SAMPLE_RATE, message, calc_sdr=False, message_sdr=36
-            )
-        marked = _resample(marked.astype(np.float32), WATERMARK_SAMPLE_RATE, sample_rate)
+        at_44k = resample_array(samples, sample_rate, WATERMARK_SAMPLE_RATE)
+        marked = self.encode_44k(at_44k, message)
+        marked = resample_array(marked, WATERMARK_SAMPLE_RATE, sample_rate)
         marked = _fit_length(marked, samples.shape[0])
         return torch.from_numpy(marked).to(device=audio.device, dtype=audio.dtype)
+
+    def encode_44k(self, samples: np.ndarray, message: list[int]) -> np.ndarray:
+        """CSM's embedding call on 44.1 kHz samples (the key's symbols restart at the start)."""
+        with _SILENTCIPHER_LOCK:
+            marked, _ = self._model.encode_wav(
+                samples, WATERMARK_SAMPLE_RATE, message, calc_sdr=False, message_sdr=36
+            )
+        return marked.astype(np.float32)
+
+    def stream(self, sample_rate: int, key: str | Sequence[int]) -> "WatermarkStream":
+        return WatermarkStream(self, sample_rate, list(parse_key(key)))
 
     def verify(self, audio: torch.Tensor, sample_rate: int, key: str | Sequence[int]) -> bool:
         """True when SilentCipher reads `key` back from `audio` (needs about 0.84 s or more)."""
@@ -152,12 +162,53 @@ class Watermarker:
         samples = _to_numpy(audio)
         if not samples.any():
             return False
-        at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
+        at_44k = resample_array(samples, sample_rate, WATERMARK_SAMPLE_RATE)
         with _SILENTCIPHER_LOCK:
             result = self._model.decode_wav(
                 at_44k, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True
             )
         return bool(result["status"]) and result["messages"][0] == expected
+
+
+class WatermarkStream:
+    """Watermarking audio that arrives in pieces, so that the stream reads like one clip.
+
+    Marking each piece on its own fails twice over (measured on the random-weight model with
+    a stand-in perfect decoder): every `encode_wav` call restarts the key's 21-symbol sequence,
+    so pieces that are not whole message periods scramble it and the key can't be read; and
+    resampling each piece separately leaves clicks at the joins. Here the audio is resampled
+    to 44.1 kHz and back by stateful resamplers (no joins), and marked in whole periods of the
+    message (21 STFT hops, 43,008 samples, ~0.975 s), so each call starts on the symbol the
+    whole clip would have there. The cost is latency: audio leaves in whole periods.
+    """
+
+    PERIOD = 21 * 2048  # samples at 44.1 kHz: one repetition of the key's symbols
+
+    def __init__(self, watermarker: Watermarker, sample_rate: int, message: list[int]):
+        self.watermarker = watermarker
+        self.message = message
+        self.up = soxr.ResampleStream(sample_rate, WATERMARK_SAMPLE_RATE, 1, dtype="float32")
+        self.down = soxr.ResampleStream(WATERMARK_SAMPLE_RATE, sample_rate, 1, dtype="float32")
+        self.pending = np.zeros(0, dtype=np.float32)
+
+    def push(self, audio: torch.Tensor) -> torch.Tensor:
+        """Feed audio; returns the marked audio that is ready (whole periods, maybe none)."""
+        self.pending = np.concatenate([self.pending, self.up.resample_chunk(_to_numpy(audio))])
+        ready = len(self.pending) // self.PERIOD * self.PERIOD
+        return self._emit(ready, last=False)
+
+    def close(self) -> torch.Tensor:
+        """The rest: the last partial period is marked as it is."""
+        self.pending = np.concatenate([self.pending,
+                                       self.up.resample_chunk(np.zeros(0, np.float32), last=True)])
+        return self._emit(len(self.pending), last=True)
+
+    def _emit(self, n: int, last: bool) -> torch.Tensor:
+        block, self.pending = self.pending[:n], self.pending[n:]
+        if block.any():
+            block = self.watermarker.encode_44k(block, self.message)
+        out = self.down.resample_chunk(block, last=last)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def _normalise_with_clip_statistics(layer: torch.nn.BatchNorm2d) -> None:
@@ -177,12 +228,6 @@ def _to_numpy(audio: torch.Tensor) -> np.ndarray:
             f"audio must be a 1-D floating-point tensor, got {audio.ndim}-D {audio.dtype}"
         )
     return audio.detach().to(device="cpu", dtype=torch.float32).numpy()
-
-
-def _resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    if from_rate == to_rate:
-        return samples
-    return soxr.resample(samples, from_rate, to_rate)
 
 
 def _fit_length(samples: np.ndarray, length: int) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""Streaming a job: audio chunks as the scheduler decodes them, then a final summary.
+"""Streaming a job: watermarked audio chunks as the scheduler decodes them, then a summary.
 
-The first chunk goes out as soon as the first block of frames is decoded (a few frames,
-about 0.3 s of audio) for a low time to first audio; later chunks gather about a second each
-to keep per-chunk overhead low. Each chunk is watermarked on its own before it leaves:
-SilentCipher carries its 5-byte message in about one second of audio, so every full chunk
-carries the key (see the README's streaming notes for what this costs and guarantees).
+Audio leaves in whole periods of the watermark's message (~0.975 s, see
+csm.watermark.WatermarkStream): a shorter independently-marked chunk can't carry a readable
+key, and marking chunk by chunk without a shared grid scrambles it. So the first chunk goes
+out as soon as about one second of audio has been generated (on a GPU that is a few dozen
+frame steps, well under the second it lasts) and every later chunk is about a second long;
+the last chunk carries the rest and the summary of a normal response.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from csm.codec import SAMPLE_RATE
 from csm.engine import Generation
@@ -26,23 +25,15 @@ if TYPE_CHECKING:
     from .schema import GenerateRequest
     from .service import Worker
 
-FIRST_CHUNK_SAMPLES = SAMPLE_RATE // 5  # 0.2 s: the first block (4 frames) is enough
-CHUNK_SAMPLES = SAMPLE_RATE  # then about a second per chunk
-
 
 async def stream_items(worker: "Worker", request: "GenerateRequest", generation: Generation,
                        events: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
-    key = worker.settings.watermark_key
-    watermarker = worker.engine.watermarker
+    marker = worker.engine.watermarker.stream(SAMPLE_RATE, worker.settings.watermark_key)
     encoder = StreamEncoder(request.response_format, SAMPLE_RATE)
-    pending: list[torch.Tensor] = []
     index = offset = frames = 0
     first_chunk_ms: float | None = None
 
-    def chunk(audio: torch.Tensor, final: bool) -> dict[str, Any]:
-        """Watermark and encode one chunk (runs in a worker thread)."""
-        if audio.numel():
-            audio = watermarker.embed(audio, SAMPLE_RATE, key)
+    def item(audio, final: bool) -> dict[str, Any]:
         data = encoder.push(audio) if audio.numel() else b""
         if final:
             data += encoder.close()
@@ -51,19 +42,17 @@ async def stream_items(worker: "Worker", request: "GenerateRequest", generation:
                 "audio_base64": to_base64(data), "final": final}
 
     async for block in worker.blocks(events):
-        pending.append(block.audio)
         frames += block.codes.shape[1]
-        waiting = sum(p.numel() for p in pending)
-        if waiting >= (CHUNK_SAMPLES if index else FIRST_CHUNK_SAMPLES):
-            item = await asyncio.to_thread(chunk, torch.cat(pending), False)
-            pending = []
-            if first_chunk_ms is None:
-                first_chunk_ms = 1000 * (time.perf_counter() - generation.started)
-            yield item
-            index += 1
-            offset += item["samples"]
-    tail = torch.cat(pending) if pending else torch.zeros(0)
-    last = await asyncio.to_thread(chunk, tail, True)
+        marked = await asyncio.to_thread(marker.push, block.audio)
+        if not marked.numel():
+            continue
+        chunk = await asyncio.to_thread(item, marked, False)
+        if first_chunk_ms is None:
+            first_chunk_ms = 1000 * (time.perf_counter() - generation.started)
+        yield chunk
+        index += 1
+        offset += chunk["samples"]
+    last = await asyncio.to_thread(lambda: item(marker.close(), True))
     total = offset + last["samples"]
     total_ms = 1000 * (time.perf_counter() - generation.started)
     seconds = total / SAMPLE_RATE

@@ -110,17 +110,18 @@ def tiny_mimi_config() -> dict:
     return cfg
 
 
-def write_tiny_mimi(folder: Path, seed: int = 0) -> None:
+def write_random_mimi(folder: Path, seed: int, config: dict | None) -> None:
+    """Random Mimi weights; a non-default config is written beside them (None: Mimi's own)."""
     from moshi.models import loaders
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_mimi_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mimi = loaders.get_mimi(None, config, device="cpu", num_codebooks=32)
     state = {k: v.detach().contiguous() for k, v in mimi.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    if config is not None:
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
 
 def write_prompt_wavs(folder: Path, seconds: float = 2.0, sample_rate: int = 44_100) -> None:
@@ -136,7 +137,8 @@ def write_prompt_wavs(folder: Path, seconds: float = 2.0, sample_rate: int = 44_
 
 
 def make_tiny(folder: Path, fmt: str = "original", seed: int = 0,
-              cfg: CSMConfig = TINY) -> Path:
+              cfg: CSMConfig = TINY, full_size_mimi: bool = False) -> Path:
+    """The folder; `cfg` and `full_size_mimi` give other shapes (benchmarks use the real ones)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     folder = Path(folder)
@@ -145,7 +147,7 @@ def make_tiny(folder: Path, fmt: str = "original", seed: int = 0,
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
     write_weights(random_model(cfg, seed), folder, fmt)
     write_tiny_tokenizer(folder / "tokenizer.json")
-    write_tiny_mimi(folder / "mimi", seed)
+    write_random_mimi(folder / "mimi", seed, None if full_size_mimi else tiny_mimi_config())
     write_random_silentcipher(folder / "silentcipher", seed)
     write_prompt_wavs(folder)
     return folder

@@ -1,0 +1,180 @@
+"""Speed of our engine against transformers' CSM on identical random weights, in one run.
+
+    python -m bench.run                      # CPU: reduced shapes (see BENCHMARKS.md)
+    python -m bench.run --shapes csm-1b --device cuda --frames 128 --concurrency 1,8,32,64
+
+Both sides get the same weights, the same text prompt and the same number of frames (the
+end-frame stop is off, so runs are comparable). Each measurement is repeated after a warm-up;
+the median and the spread (min..max) are reported. Our engine is timed end to end including
+Mimi's streaming decode; transformers is timed for its code generation alone (it has no
+streaming decode), which favours it. The weights are random: the audio is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from csm.config import CSM_1B, TINY, CSMConfig, LlamaConfig
+from csm.engine import Engine, GenerationRequest
+from csm.testing.tiny import make_tiny, random_model, to_transformers_format
+
+MID = replace(
+    CSM_1B,
+    backbone=LlamaConfig(num_layers=4, dim=512, num_heads=8, num_kv_heads=2,
+                         intermediate_size=1536, max_seq_len=2048),
+    decoder=LlamaConfig(num_layers=2, dim=256, num_heads=4, num_kv_heads=2,
+                        intermediate_size=768, max_seq_len=33),
+)
+SHAPES: dict[str, CSMConfig] = {"tiny": TINY, "mid": MID, "csm-1b": CSM_1B}
+TEXT = "The quick brown fox jumps over the lazy dog, twice, before breakfast."
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours(engine: Engine, frames: int, reps: int) -> dict:
+    request = GenerationRequest(text=TEXT, max_audio_length_ms=frames * 80, seed=1,
+                                stop_at_end_frame=False)
+    engine.generate(request)  # warm-up
+    fps, rtf, first_audio = [], [], []
+    for rep in range(reps):
+        result = engine.generate(replace(request, seed=rep))
+        assert result.frames == frames
+        seconds = result.timings_ms["generate_ms"] / 1000
+        fps.append(frames / seconds)
+        rtf.append(seconds / (frames * 0.08))
+        first_audio.append(result.timings_ms["first_audio_ms"])
+    return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf),
+            "first_audio_ms": stats(first_audio)}
+
+
+def transformers_side(cfg: CSMConfig, state: dict, engine: Engine, device: torch.device,
+                      dtype: torch.dtype, frames: int, reps: int) -> dict:
+    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from csm.config import config_to_hf
+
+    hf_logging.set_verbosity_error()
+    hf_config = config_to_hf(cfg)
+    hf_config["depth_decoder_config"]["backbone_hidden_size"] = cfg.backbone.dim
+    model = CsmForConditionalGeneration(CsmConfig(**hf_config)).eval()
+    missing = model.load_state_dict(to_transformers_format(state, cfg), strict=False).missing_keys
+    assert all(k.startswith("codec_model.") for k in missing), missing
+    model = model.to(device=device, dtype=dtype)
+    ids = torch.tensor([engine.tokenizer.encode_turn(0, TEXT)], device=device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=frames,
+                  do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
+                  depth_decoder_temperature=0.9, depth_decoder_top_k=50,
+                  cache_implementation="static")
+    with torch.inference_mode():
+        model.generate(**kwargs)  # warm-up
+        fps, rtf = [], []
+        for rep in range(reps):
+            torch.manual_seed(rep)
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(**kwargs)
+            sync(device)
+            seconds = time.perf_counter() - start
+            assert out.shape[1] == frames, f"transformers stopped after {out.shape[1]} frames"
+            fps.append(frames / seconds)
+            rtf.append(seconds / (frames * 0.08))
+    return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf)}
+
+
+def concurrency_sweep(engine: Engine, frames: int, levels: list[int]) -> list[dict]:
+    """Aggregate throughput of n jobs at once against the same n jobs one after another."""
+    rows = []
+    for n in levels:
+        reqs = [GenerationRequest(text=f"{TEXT} ({i})", max_audio_length_ms=frames * 80,
+                                  seed=i, stop_at_end_frame=False) for i in range(n)]
+        start = time.perf_counter()
+        for r in reqs:
+            engine.generate(r)
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        generations = [engine.start(r) for r in reqs]
+        results = [engine.finish(g, list(g.blocks())) for g in generations]
+        together = time.perf_counter() - start
+        rows.append({
+            "jobs": n,
+            "aggregate_frames_per_s": n * frames / together,
+            "sequential_frames_per_s": n * frames / sequential,
+            "speedup_vs_sequential": sequential / together,
+            "per_stream_real_time_factor": statistics.median(
+                r.timings_ms["generate_ms"] / 1000 / (frames * 0.08) for r in results),
+            "first_audio_ms_median": statistics.median(
+                r.timings_ms["first_audio_ms"] for r in results),
+            "peak_memory_mb": peak_memory_mb(engine.device),
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--shapes", choices=SHAPES, default="mid")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = SHAPES[args.shapes]
+    levels = [int(n) for n in args.concurrency.split(",")]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report: dict = {"shapes": args.shapes, "device": str(device), "dtype": str(dtype),
+                    "frames": args.frames, "reps": args.reps,
+                    "torch_threads": torch.get_num_threads(),
+                    "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny(Path(tmp), cfg=cfg, full_size_mimi=args.shapes == "csm-1b")
+        state = {k: v for k, v in random_model(cfg).state_dict().items()}
+        start = time.perf_counter()
+        engine = Engine.load(folder, device=device, max_batch=max(levels))
+        sync(device)
+        report["startup_ms"] = {k: round(v, 1) for k, v in engine.startup_ms.items()}
+        report["startup_ms"]["total"] = round(1000 * (time.perf_counter() - start), 1)
+        report["ours"] = ours(engine, args.frames, args.reps)
+        if not args.skip_transformers:
+            report["transformers"] = transformers_side(cfg, state, engine, device, dtype,
+                                                       args.frames, args.reps)
+            report["fps_ratio_vs_transformers"] = (
+                report["ours"]["frames_per_s"]["median"]
+                / report["transformers"]["frames_per_s"]["median"])
+        report["concurrency"] = concurrency_sweep(engine, args.frames, levels)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
