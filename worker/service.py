@@ -52,17 +52,28 @@ class Worker:
     def start(cls, settings: Settings) -> "Worker":
         engine = Engine.load(settings.model_dir, device=settings.device,
                              max_batch=settings.max_concurrency)
+        started = time.perf_counter()
         presets = {}
         for name, preset in PRESETS.items():
             audio, rate = sf.read(settings.model_dir / preset.wav, dtype="float32", always_2d=True)
             presets[name] = engine.segment(preset.speaker, preset.transcript,
                                            torch.from_numpy(audio.mean(axis=1)), rate)
             engine.register_prefix(presets[name])
+        engine.startup_ms["presets"] = 1000 * (time.perf_counter() - started)
+        # One short job through every stage (lazy CUDA graphs in Mimi, cuBLAS handles,
+        # SilentCipher) so that the first caller does not pay for them.
+        started = time.perf_counter()
+        engine.generate(GenerationRequest(text="Warming up.", context=(presets["conversational_a"],),
+                                          max_audio_length_ms=4 * 80,
+                                          watermark_key=settings.watermark_key))
+        engine.startup_ms["warm_up"] = 1000 * (time.perf_counter() - started)
         if settings.watermark_key_is_public:
             log.warning("CSM_WATERMARK_KEY is unset: watermarking with CSM's public key, which "
                         "anyone can detect; set a private key for this deployment")
-        log.info("worker ready on %s in %.1f s (up to %d concurrent jobs)", engine.device,
-                 engine.load_ms / 1000, settings.max_concurrency)
+        log.info("worker ready on %s in %.1f s (%s; up to %d concurrent jobs)", engine.device,
+                 engine.load_ms / 1000,
+                 ", ".join(f"{k} {v / 1000:.1f} s" for k, v in engine.startup_ms.items()),
+                 settings.max_concurrency)
         return cls(engine, settings, presets)
 
     # ---- entry points ------------------------------------------------------------------
