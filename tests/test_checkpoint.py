@@ -30,14 +30,7 @@ HF_BACKBONE_AUDIO = "backbone_model.embed_tokens.embed_audio_tokens.weight"
 HF_DECODER_AUDIO = "depth_decoder.model.embed_tokens.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
+hf_logging.set_verbosity_error()
 
 
 @pytest.fixture(scope="module")
