@@ -1,0 +1,520 @@
+"""The worker end to end on the tiny RANDOM-weight model (its audio is noise, not speech).
+
+One Worker for the module, on a copy of the tiny folder whose Mimi codebooks are random (see
+worker_helpers.with_random_codebooks), so that different codes give different audio. Audio is
+kept short (mostly 160-480 ms per request; the limit CAP_MS is for the default request and the
+streaming tests) so each job takes a fraction of a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import numpy as np
+import pytest
+
+from csm.text_split import split_text
+from worker.schema import parse_request
+from worker.service import PIECE_CHARS, Worker
+from worker.settings import load_settings
+from worker_helpers import (SAMPLE_RATE, SAMPLES_PER_FRAME, audio_b64, audio_file, b64,
+                            collect, decode_audio, decode_bytes, run, stream_wav_frames,
+                            with_random_codebooks)
+
+CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, enough for three streamed chunks
+CONTEXT_SECONDS = 30
+REFERENCE_BYTES = 1_500_000
+SUMMARY = {"sample_rate", "duration_ms", "frames", "utterances", "seed", "stop_reason",
+           "watermarked", "timings"}
+RESPONSE = SUMMARY | {"audio_base64", "format", "media_type"}
+CHUNK = {"chunk_index", "sample_offset", "samples", "format", "sample_rate", "audio_base64",
+         "final"}
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir, tmp_path_factory) -> Worker:
+    model_dir = with_random_codebooks(tiny_model_dir, tmp_path_factory.mktemp("tiny-codebooks"))
+    settings = load_settings({
+        "CSM_MODEL_DIR": str(model_dir), "CSM_DEVICE": "cpu",
+        "CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CONCURRENCY": "8",
+        "CSM_MAX_CONTEXT_SECONDS": str(CONTEXT_SECONDS),
+        "CSM_MAX_REFERENCE_BYTES": str(REFERENCE_BYTES), "CSM_MAX_TEXT_CHARS": "3000"})
+    return Worker.start(settings)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def one(worker, loop, payload) -> dict:
+    """A non-streamed job yields exactly one item."""
+    items = run(loop, collect(worker, payload))
+    assert len(items) == 1, items
+    return items[0]
+
+
+def good(worker, loop, payload) -> dict:
+    r = one(worker, loop, payload)
+    assert "error" not in r, r
+    assert set(r) == RESPONSE, set(r) ^ RESPONSE
+    return r
+
+
+def refused(worker, loop, payload, *needles) -> str:
+    r = one(worker, loop, payload)
+    assert set(r) == {"error"}, r
+    for needle in needles:
+        assert needle in r["error"], (needle, r["error"])
+    still_works(worker, loop)
+    return r["error"]
+
+
+def still_works(worker, loop):
+    r = good(worker, loop, {"text": "Still here.", "max_audio_length_ms": 160, "seed": 9})
+    assert r["duration_ms"] == 160
+
+
+def check_length(r: dict, ms: int) -> np.ndarray:
+    """The response's audio decodes to exactly the announced length (and `ms` was asked)."""
+    audio, rate = decode_audio(r)
+    assert rate == r["sample_rate"] == SAMPLE_RATE
+    assert r["duration_ms"] == ms == 1000 * len(audio) / SAMPLE_RATE
+    assert r["frames"] * SAMPLES_PER_FRAME == len(audio)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+    return audio
+
+
+# ---- happy paths ---------------------------------------------------------------------------
+def test_default_request(worker, loop):
+    r = good(worker, loop, {"text": "Hello from the tiny model."})
+    assert (r["format"], r["media_type"], r["sample_rate"]) == ("wav", "audio/wav", 24000)
+    raw = base64.b64decode(r["audio_base64"])
+    assert raw[:4] == b"RIFF" and raw[8:12] == b"WAVE"
+    # no max_audio_length_ms: 3 s + 100 ms per character, clamped to the operator's limit
+    check_length(r, CAP_MS)
+    assert r["utterances"] == 1 and r["stop_reason"] == "max_length"
+    assert r["watermarked"] is True
+    assert 0 <= r["seed"] < 2**32
+    for key in ("generate_ms", "first_audio_ms", "watermark_ms", "total_ms",
+                "real_time_factor", "encode_ms", "load_ms"):
+        assert r["timings"][key] >= 0, key
+    assert r["timings"]["total_ms"] > 0 and r["timings"]["load_ms"] > 0
+
+
+@pytest.mark.parametrize("fmt,media", [("wav", "audio/wav"), ("flac", "audio/flac"),
+                                       ("ogg", "audio/ogg"), ("opus", "audio/ogg; codecs=opus"),
+                                       ("mp3", "audio/mpeg"),
+                                       ("pcm", "audio/L16; rate=24000; channels=1")])
+def test_every_response_format_decodes(worker, loop, fmt, media):
+    r = good(worker, loop, {"text": "Formats.", "max_audio_length_ms": 240, "seed": 1,
+                            "response_format": fmt})
+    assert (r["format"], r["media_type"]) == (fmt, media)
+    check_length(r, 240)
+    if fmt == "pcm":
+        assert len(base64.b64decode(r["audio_base64"])) == 2 * 240 * SAMPLE_RATE // 1000
+
+
+def test_lossless_formats_carry_the_same_samples(worker, loop):
+    payload = {"text": "Same.", "max_audio_length_ms": 160, "seed": 77}
+    wav, _ = decode_audio(good(worker, loop, payload))
+    flac, _ = decode_audio(good(worker, loop, dict(payload, response_format="flac")))
+    pcm, _ = decode_audio(good(worker, loop, dict(payload, response_format="pcm")))
+    # the same 16-bit samples, give or take rounding (libsndfile scales by 32768 on the way
+    # in and out, pcm is written with 32767): within two steps
+    step = 2.01 / 32767
+    assert np.allclose(wav, flac, rtol=0, atol=step) and np.allclose(wav, pcm, rtol=0, atol=step)
+    assert np.abs(wav).max() > 100 * step
+
+
+def test_seed_reproducibility(worker, loop):
+    payload = {"text": "Seeded.", "max_audio_length_ms": 240, "seed": 1234}
+    a = good(worker, loop, payload)
+    b = good(worker, loop, payload)
+    c = good(worker, loop, dict(payload, seed=1235))
+    assert a["seed"] == b["seed"] == 1234 and c["seed"] == 1235
+    assert a["audio_base64"] == b["audio_base64"]
+    assert a["audio_base64"] != c["audio_base64"]
+
+
+def test_without_a_seed_one_is_drawn_and_reported(worker, loop):
+    payload = {"text": "Unseeded.", "max_audio_length_ms": 160}
+    a, b = good(worker, loop, payload), good(worker, loop, payload)
+    assert a["seed"] != b["seed"]  # 1 in 2**32 to collide
+    again = good(worker, loop, dict(payload, seed=a["seed"]))
+    assert again["audio_base64"] == a["audio_base64"]
+
+
+def test_input_alias_gives_the_same_audio_as_text(worker, loop):
+    payload = {"max_audio_length_ms": 160, "seed": 5}
+    a = good(worker, loop, dict(payload, text="Alias."))
+    b = good(worker, loop, dict(payload, input="Alias."))
+    assert a["audio_base64"] == b["audio_base64"]
+
+
+def test_temperature_and_topk_reach_the_sampler(worker, loop):
+    payload = {"text": "Sampling.", "max_audio_length_ms": 160, "seed": 3}
+    base = good(worker, loop, payload)["audio_base64"]
+    greedy = good(worker, loop, dict(payload, topk=1))["audio_base64"]
+    hot = good(worker, loop, dict(payload, temperature=2.0))["audio_base64"]
+    assert len({base, greedy, hot}) == 3
+    # topk=1 is greedy: the seed no longer matters
+    assert good(worker, loop, dict(payload, topk=1, seed=4))["audio_base64"] == greedy
+
+
+@pytest.mark.parametrize("payload,speaker,preset", [
+    ({}, 0, "conversational_a"),
+    ({"voice": "conversational_a"}, 0, "conversational_a"),
+    ({"voice": "conversational_b"}, 1, "conversational_b"),
+    ({"voice": "none"}, 0, None),
+    ({"voice": "conversational_b", "speaker": 7}, 7, "conversational_b"),
+    ({"voice": "none", "speaker": 31}, 31, None),
+    ({"speaker": 2}, 2, "conversational_a"),
+])
+def test_voice_and_speaker_plan(worker, payload, speaker, preset):
+    plan = worker.plan(parse_request(dict(payload, text="Plan.", max_audio_length_ms=160),
+                                     worker.settings.limits))
+    assert plan.speaker == speaker
+    expected = () if preset is None else (worker.presets[preset],)
+    assert plan.context == expected
+
+
+def test_voices_generate_and_differ(worker, loop):
+    payload = {"text": "Voices.", "max_audio_length_ms": 160, "seed": 11}
+    out = {}
+    for voice in ("conversational_a", "conversational_b", "none"):
+        r = good(worker, loop, dict(payload, voice=voice))
+        check_length(r, 160)
+        out[voice] = r["audio_base64"]
+    assert len(set(out.values())) == 3  # three different prompts
+    # (a speaker id alone is one token in a long prompt: on random weights it may or may not
+    # change the frames, so speakers are checked on the plan above)
+    r = good(worker, loop, dict(payload, voice="conversational_b", speaker=7))
+    check_length(r, 160)
+    # the default voice is conversational_a with its speaker 0
+    assert good(worker, loop, payload)["audio_base64"] == out["conversational_a"]
+
+
+@pytest.mark.parametrize("fmt,rate,channels", [("WAV", 44_100, 2), ("FLAC", 16_000, 1),
+                                               ("OGG", 48_000, 2)])
+def test_context_voice_cloning(worker, loop, fmt, rate, channels):
+    clip = audio_b64(1.0, rate, channels, fmt)
+    ctx = [{"text": "A reference line.", "speaker": 4, "audio_base64": clip}]
+    payload = {"text": "Cloned.", "speaker": 4, "max_audio_length_ms": 160, "seed": 21}
+    r = good(worker, loop, dict(payload, context=ctx))
+    check_length(r, 160)
+    plan = worker.plan(parse_request(dict(payload, context=ctx), worker.settings.limits))
+    assert len(plan.context) == 1 and plan.context[0].speaker == 4  # voice none with context
+    assert plan.context[0].codes.shape[1] == 13  # 1 s at 12.5 frames/s, rounded up
+    bare = good(worker, loop, dict(payload, voice="none"))
+    assert bare["audio_base64"] != r["audio_base64"]  # the context reached the prompt
+    with_a = worker.plan(parse_request(dict(payload, context=ctx, voice="conversational_a"),
+                                       worker.settings.limits))
+    assert with_a.context[0] is worker.presets["conversational_a"] and len(with_a.context) == 2
+
+
+def test_context_accepts_a_data_url(worker, loop):
+    url = "data:audio/wav;base64," + audio_b64(0.5, 22_050)
+    r = good(worker, loop, {"text": "Data URL.", "max_audio_length_ms": 160, "seed": 1,
+                            "context": [{"text": "Ref.", "speaker": 0, "audio_base64": url}]})
+    check_length(r, 160)
+
+
+# ---- refusals through the worker ----------------------------------------------------------
+def ctx(audio_base64: str, text: str = "Reference.") -> dict:
+    return {"text": text, "speaker": 0, "audio_base64": audio_base64}
+
+
+def job(*context) -> dict:
+    return {"text": "After a refusal.", "max_audio_length_ms": 160, "seed": 1,
+            "context": list(context)}
+
+
+def test_schema_refusal_through_the_worker(worker, loop):
+    refused(worker, loop, {"text": "Hi.", "topk": 0, "tempo": 1}, "topk", "1", "tempo",
+            "unknown field")
+    refused(worker, loop, {"text": "Hi.", "max_audio_length_ms": CAP_MS + 1},
+            f"max_audio_length_ms: {CAP_MS + 1}; the limit is {CAP_MS}")
+    refused(worker, loop, None, "input must be a JSON object")
+
+
+def test_invalid_base64(worker, loop):
+    refused(worker, loop, job(ctx("this is *not* base64!")), "context[0].audio_base64",
+            "not valid base64")
+
+
+def test_non_audio_bytes(worker, loop):
+    refused(worker, loop, job(ctx(b64(b"definitely not a sound file " * 40))),
+            "context[0].audio_base64", "not a readable audio file")
+
+
+def test_silent_audio(worker, loop):
+    silent = audio_b64(1.0, 24_000, amplitude=0.0)
+    refused(worker, loop, job(ctx(audio_b64(0.5)), ctx(silent)), "context[1].audio_base64",
+            "silent")
+
+
+def test_empty_audio(worker, loop):
+    refused(worker, loop, job(ctx(audio_b64(0.0, 24_000))), "context[0].audio_base64",
+            "empty")
+
+
+def test_context_seconds_add_up_over_turns(worker, loop):
+    refused(worker, loop, job(ctx(audio_b64(16, 8000)), ctx(audio_b64(15, 8000))),
+            "context[1].audio_base64", "adds up to 31.0 s", f"the limit is {CONTEXT_SECONDS} s",
+            "CSM_MAX_CONTEXT_SECONDS")
+
+
+def test_too_many_reference_bytes(worker, loop):
+    big = audio_file(8.5, 48_000, 2)  # 1.63 MB
+    assert len(big) > REFERENCE_BYTES
+    refused(worker, loop, job(ctx(b64(big))), "context[0].audio_base64",
+            f"the limit is {REFERENCE_BYTES} bytes", "CSM_MAX_REFERENCE_BYTES")
+
+
+def test_reference_bytes_add_up_over_turns(worker, loop):
+    half = audio_b64(4.5, 48_000, 2)  # about 0.86 MB each: the second is over the budget
+    refused(worker, loop, job(ctx(half), ctx(half)), "context[1].audio_base64",
+            "CSM_MAX_REFERENCE_BYTES")
+
+
+def test_prompt_too_long_for_the_window(worker, loop):
+    # 20 s of audio (250 frames) and a long transcript: well over 2048 positions
+    long_turn = ctx(audio_b64(20, 8000), "and then we talked about it for a long time " * 200)
+    err = refused(worker, loop, job(long_turn), "positions", "2048", "max_audio_length_ms=160")
+    assert "shorten the context" in err
+
+
+def test_stream_with_flac_is_refused(worker, loop):
+    payload = {"text": "Hi.", "stream": True, "response_format": "flac"}
+    refused(worker, loop, payload, "response_format", "flac cannot be streamed")
+    assert "error" in run(loop, worker.run_to_completion(payload))
+
+
+# ---- verify_watermark ----------------------------------------------------------------------
+# Clips stay under 0.84 s here: on longer ones SilentCipher's phase-shift search runs its
+# decoder 205 times over the whole clip, minutes on this CPU with the random checkpoint (which
+# never reads a key back, so the search never stops early).
+def test_verify_watermark(worker, loop):
+    made = good(worker, loop, {"text": "Mark.", "max_audio_length_ms": 240, "seed": 2})
+    r = one(worker, loop, {"task": "verify_watermark", "audio_base64": made["audio_base64"]})
+    assert set(r) == {"task", "watermarked"} and r["task"] == "verify_watermark"
+    assert isinstance(r["watermarked"], bool)
+    r = one(worker, loop, {"task": "verify_watermark",
+                           "audio_base64": audio_b64(0.5, 44_100, 2, "FLAC")})
+    assert set(r) == {"task", "watermarked"} and isinstance(r["watermarked"], bool)
+    refused(worker, loop, {"task": "verify_watermark", "audio_base64": b64(b"nope" * 50)},
+            "audio_base64", "not a readable audio file")
+
+
+# ---- streaming -----------------------------------------------------------------------------
+# Streamed audio is watermarked in whole periods of the key (21 hops at 44.1 kHz, ~0.975 s):
+# chunks of about 0.96 s each, the first once about a second of audio exists, the last with
+# the rest (README, "Chunk sizes and the watermark").
+PERIOD_SAMPLES = 21 * 2048 * SAMPLE_RATE / 44_100
+
+
+def stream(worker, loop, payload) -> list[dict]:
+    items = run(loop, collect(worker, dict(payload, stream=True)))
+    assert items and "error" not in items[-1], items[-1]
+    for i, item in enumerate(items):
+        assert set(item) == (CHUNK if i < len(items) - 1 else CHUNK | SUMMARY | {"chunks"})
+        assert item["chunk_index"] == i and item["final"] is (i == len(items) - 1)
+        assert item["format"] == payload.get("response_format", "wav")
+        assert item["sample_rate"] == SAMPLE_RATE
+    offsets = np.cumsum([0] + [item["samples"] for item in items])
+    assert [item["sample_offset"] for item in items] == list(offsets[:-1])
+    last = items[-1]
+    assert last["chunks"] == len(items)
+    assert last["duration_ms"] == 1000 * offsets[-1] / SAMPLE_RATE
+    assert last["frames"] * SAMPLES_PER_FRAME == offsets[-1]
+    return items
+
+
+def stream_bytes(items) -> bytes:
+    return b"".join(base64.b64decode(i["audio_base64"], validate=True) for i in items)
+
+
+def test_stream_chunks_are_whole_watermark_periods(worker, loop):
+    payload = {"text": "Streaming.", "max_audio_length_ms": CAP_MS, "seed": 8,
+               "response_format": "pcm"}
+    items = stream(worker, loop, payload)
+    sizes = [i["samples"] for i in items]
+    assert len(items) == 3 and sum(sizes) == CAP_MS * 24
+    for size in sizes[:-1]:  # about one period each (the resamplers hold a little back)
+        assert 0.95 * PERIOD_SAMPLES <= size <= PERIOD_SAMPLES + 1, sizes
+    last = items[-1]
+    assert last["duration_ms"] == CAP_MS and last["seed"] == 8 and last["utterances"] == 1
+    assert last["watermarked"] is True and last["stop_reason"] == "max_length"
+    assert 0 < last["timings"]["first_audio_ms"] < last["timings"]["total_ms"]
+    # the same audio as the job answered whole, but for the watermark's own residual
+    streamed, _ = decode_bytes(stream_bytes(items), "pcm")
+    whole, _ = decode_audio(good(worker, loop, payload))
+    assert len(streamed) == len(whole)
+    assert np.abs(streamed - whole).max() < 0.05 * np.abs(whole).max()
+
+
+def test_short_stream_is_one_final_chunk(worker, loop):
+    items = stream(worker, loop, {"text": "Short.", "max_audio_length_ms": 480, "seed": 8})
+    assert len(items) == 1 and items[0]["samples"] == 480 * 24
+    raw = stream_bytes(items)
+    assert len(stream_wav_frames(raw)) == 480 * 24
+
+
+@pytest.mark.parametrize("fmt", [
+    "wav", "pcm", "ogg", "opus",
+    pytest.param("mp3", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG worker/stream_encoder.py StreamEncoder._new_bytes: libsndfile writes a zeroed "
+        "placeholder for the MP3 Xing/Info tag at the start and fills it in on close, but "
+        "only bytes past `sent` are streamed, so the streamed MP3 keeps the zeroed tag: "
+        "libsndfile decodes 25776 samples of 26880 here (17856 of 57600 for 2.4 s)"))),
+])
+def test_streamed_bytes_make_one_file_of_the_announced_length(worker, loop, fmt):
+    payload = {"text": "Whole file.", "max_audio_length_ms": 1120, "seed": 4,
+               "response_format": fmt}
+    items = stream(worker, loop, payload)
+    assert len(items) == 2
+    raw = stream_bytes(items)
+    total = items[-1]["sample_offset"] + items[-1]["samples"]
+    assert total == 1120 * 24
+    audio, rate = decode_bytes(raw, fmt)
+    assert rate == SAMPLE_RATE and len(audio) == total
+    if fmt == "wav":
+        assert len(stream_wav_frames(raw)) == total
+    if fmt == "pcm":
+        assert len(raw) == 2 * total
+
+
+def test_run_to_completion_answers_a_streamed_request_whole(worker, loop):
+    r = run(loop, worker.run_to_completion({"text": "Whole.", "max_audio_length_ms": 240,
+                                            "seed": 6, "stream": True}))
+    assert set(r) == RESPONSE
+    check_length(r, 240)
+
+
+# ---- several utterances --------------------------------------------------------------------
+def test_dialogue_turns(worker, loop):
+    r = good(worker, loop, {"turns": [{"text": "Hi, how are you?", "speaker": 0},
+                                      {"text": "Fine, thanks.", "speaker": 1}],
+                            "max_audio_length_ms": 160, "seed": 12})
+    assert r["utterances"] == 2
+    check_length(r, 320)  # the limit applies per turn
+
+
+def test_dialogue_turns_stream(worker, loop):
+    items = stream(worker, loop, {"turns": [{"text": "One.", "speaker": 0},
+                                            {"text": "Two.", "speaker": 1},
+                                            {"text": "Three.", "speaker": 0}],
+                                  "max_audio_length_ms": 160, "seed": 12,
+                                  "response_format": "pcm"})
+    assert items[-1]["utterances"] == 3 and items[-1]["duration_ms"] == 480
+    assert len(stream_bytes(items)) == 2 * 480 * 24
+
+
+def test_long_text_is_spoken_in_pieces(worker, loop):
+    sentence = ("The quick brown fox jumps over the lazy dog near the river bank at dawn, "
+                "while the birds sing. ")
+    text = (sentence * 11).strip()
+    assert 900 <= len(text) <= 1100
+    pieces = split_text(text, PIECE_CHARS)
+    assert len(pieces) > 1
+    r = good(worker, loop, {"text": text, "max_audio_length_ms": 80, "seed": 13})
+    assert r["utterances"] == len(pieces) > 1
+    check_length(r, 80 * len(pieces))
+
+
+# ---- concurrency ---------------------------------------------------------------------------
+CONCURRENT = [
+    {"text": "First of six.", "max_audio_length_ms": 160, "seed": 100},
+    {"text": "Second of six, a little longer.", "max_audio_length_ms": 480, "seed": 101,
+     "voice": "conversational_b"},
+    {"input": "Third.", "max_audio_length_ms": 240, "seed": 102, "voice": "none",
+     "response_format": "pcm"},
+    {"text": "Fourth.", "max_audio_length_ms": 320, "seed": 103, "temperature": 0.5,
+     "topk": 10, "response_format": "flac"},
+    {"turns": [{"text": "Fifth.", "speaker": 0}, {"text": "Yes.", "speaker": 1}],
+     "max_audio_length_ms": 160, "seed": 104},
+    {"text": "Sixth.", "max_audio_length_ms": 160, "seed": 100},
+]
+
+
+def test_concurrent_jobs_equal_the_same_jobs_alone(worker, loop):
+    alone = [good(worker, loop, p) for p in CONCURRENT]
+
+    async def together():
+        return await asyncio.gather(*(worker.run_to_completion(p) for p in CONCURRENT))
+
+    gathered = run(loop, together())
+    for payload, solo, batched in zip(CONCURRENT, alone, gathered):
+        assert "error" not in batched, batched
+        assert batched["seed"] == payload["seed"] and batched["format"] == solo["format"]
+        assert batched["duration_ms"] == solo["duration_ms"]
+        assert batched["audio_base64"] == solo["audio_base64"], payload
+    assert worker.engine.scheduler.active_jobs == 0
+
+
+def test_concurrent_jobs_with_refusals_mixed_in(worker, loop):
+    payloads = [{"text": "Fine.", "max_audio_length_ms": 160, "seed": 1},
+                {"text": "Bad.", "topk": 999},
+                {"text": "Fine too.", "max_audio_length_ms": 160, "seed": 2, "stream": True},
+                job(ctx("%%%")),
+                {"task": "verify_watermark", "audio_base64": audio_b64(0.3)}]
+
+    async def together():
+        return await asyncio.gather(*(collect(worker, p) for p in payloads))
+
+    fine, bad, streamed, bad_ctx, verified = run(loop, together())
+    assert "audio_base64" in fine[0] and "error" not in fine[0]
+    assert "topk" in bad[0]["error"] and "not valid base64" in bad_ctx[0]["error"]
+    assert streamed[-1]["final"] is True and streamed[-1]["duration_ms"] == 160
+    assert set(verified[0]) == {"task", "watermarked"}
+
+
+# ---- cancellation --------------------------------------------------------------------------
+# A job long enough that it can't finish on its own during the test: 8 turns of CAP_MS each.
+LONG_JOB = {"turns": [{"text": f"Turn number {i}.", "speaker": i % 2} for i in range(8)],
+            "max_audio_length_ms": CAP_MS, "seed": 1}
+
+
+def wait_idle(worker, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while worker.engine.scheduler.active_jobs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.engine.scheduler.active_jobs == 0
+
+
+def test_closing_a_stream_frees_its_slot(worker, loop):
+    async def first_chunk_then_close():
+        gen = worker.run(dict(LONG_JOB, stream=True))
+        first = await gen.__anext__()
+        busy = worker.engine.scheduler.active_jobs
+        await gen.aclose()
+        return first, busy
+
+    started = time.monotonic()
+    first, busy = run(loop, first_chunk_then_close())
+    assert first["chunk_index"] == 0 and first["final"] is False
+    assert busy == 1  # the job was still generating when it was cut off
+    wait_idle(worker, 3.0)  # freed at the next block, long before 19 s of audio were made
+    assert time.monotonic() - started < 10
+    still_works(worker, loop)
+    wait_idle(worker, 3.0)
+
+
+def test_a_cancelled_task_frees_its_slot(worker, loop):
+    async def cancel_mid_job():
+        task = asyncio.ensure_future(worker.run_to_completion(LONG_JOB))
+        while not worker.engine.scheduler.active_jobs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(loop, cancel_mid_job())
+    wait_idle(worker, 3.0)
+    still_works(worker, loop)
