@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib
 import json
 import math
-import os
 import string
-import sys
 from collections import Counter
 
 import pytest
@@ -28,7 +25,7 @@ from hypothesis import strategies as st
 from worker.schema import FORMATS, VOICES
 from worker.service import Worker
 from worker.settings import load_settings
-from worker_helpers import REPO, audio_b64, b64, collect, run
+from worker_helpers import audio_b64, b64, collect, imported_handler, run
 
 CAP_MS = 240
 LIMITS_ENV = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_TEXT_CHARS": "400",
@@ -271,18 +268,9 @@ def test_lone_surrogates_are_refused_by_field(worker, loop, payload):
 @pytest.fixture(scope="module")
 def handler_module(tiny_model_dir):
     """handler.py imported in-process (it loads settings and a Worker at import)."""
-    saved = dict(os.environ)
-    os.environ.update(LIMITS_ENV, CSM_MODEL_DIR=str(tiny_model_dir), CSM_LOG_LEVEL="WARNING")
-    sys.modules.pop("handler", None)
-    sys.path.insert(0, str(REPO))
-    try:
-        module = importlib.import_module("handler")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        sys.path.remove(str(REPO))
-    yield module
-    sys.modules.pop("handler", None)
+    with imported_handler(dict(LIMITS_ENV, CSM_MODEL_DIR=str(tiny_model_dir),
+                               CSM_LOG_LEVEL="WARNING")) as module:
+        yield module
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import importlib
 import io
 import os
 import socket
@@ -125,6 +127,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def imported_handler(env: dict[str, str]):
+    """handler.py imported in this process under `env` (it builds its Worker at import);
+    the environment and sys.path are restored at once, the module dropped on exit."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    sys.modules.pop("handler", None)
+    sys.path.insert(0, str(REPO))
+    try:
+        module = importlib.import_module("handler")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.path.remove(str(REPO))
+    try:
+        yield module
+    finally:
+        sys.modules.pop("handler", None)
 
 
 def handler_env(model_dir: Path, **limits: str) -> dict[str, str]:
