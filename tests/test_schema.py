@@ -351,6 +351,15 @@ def test_nan_context_seconds_is_refused():
         load_settings({"CSM_MAX_CONTEXT_SECONDS": "nan"})
 
 
+@pytest.mark.xfail(strict=True, reason="BUG worker/settings.py: CSM_MAX_AUDIO_LENGTH_MS only "
+                   "has to be positive; below 80 (one frame) every request that gives "
+                   "max_audio_length_ms is refused (>= 80 > limit) and every one that doesn't "
+                   "'succeeds' with 0 frames: duration_ms 0, an empty, unwatermarked file")
+def test_audio_limit_below_one_frame_is_refused():
+    with pytest.raises(SettingsError, match="CSM_MAX_AUDIO_LENGTH_MS"):
+        load_settings({"CSM_MAX_AUDIO_LENGTH_MS": "79"})
+
+
 def test_bad_log_level_is_refused():
     with pytest.raises(SettingsError, match="CSM_LOG_LEVEL"):
         load_settings({"CSM_LOG_LEVEL": "LOUD"})
