@@ -247,11 +247,7 @@ def test_fuzz_reached_every_outcome(worker, loop):
     assert worker.engine.scheduler.active_jobs == 0
 
 
-# ---- known holes the property above steers around -------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: a lone surrogate (JSON \"\\ud800\") in text passes "
-                   "the schema (StrictStr), then the tokenizer raises TypeError ('TextInputSequence "
-                   "must be str') in Engine.piece, reported as 'internal error (TypeError)' and "
-                   "logged as a failed job instead of a refusal naming the field")
+# ---- text that JSON can carry but Unicode can't -----------------------------------------------
 @pytest.mark.parametrize("payload", [
     {"text": "Hi \ud800 there.", "max_audio_length_ms": 80},
     {"text": "Hi.", "max_audio_length_ms": 80,

@@ -27,38 +27,6 @@ SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 1920  # one 80 ms Mimi frame at 24 kHz
 
 
-def with_random_codebooks(tiny: Path, dest: Path, seed: int = 0) -> Path:
-    """A copy of a tiny model folder whose Mimi codebooks are random instead of all zero.
-
-    The tiny fixture's Mimi keeps moshi's untrained codebooks (embedding_sum all zeros): its
-    decoder gives the same audio for ANY codes (only the length matters) and its encoder maps
-    every clip to code 0. Tests that tell jobs apart by their audio (seeds, voices, batching,
-    context) need audio that depends on the codes, so they use this copy. The rest of the
-    folder is linked, not copied; everything stays random (noise, not speech).
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in tiny.iterdir():
-        if item.name != "mimi":
-            (dest / item.name).symlink_to(item)
-    (dest / "mimi").mkdir()
-    gen = torch.Generator().manual_seed(seed)
-    for item in (tiny / "mimi").iterdir():
-        if item.suffix != ".safetensors":
-            (dest / "mimi" / item.name).symlink_to(item)
-            continue
-        state = load_file(str(item))
-        for key in list(state):
-            if key.endswith("_codebook.embedding_sum"):
-                state[key] = torch.randn(state[key].shape, generator=gen)
-            elif key.endswith("_codebook._initialized"):
-                state[key] = torch.ones_like(state[key])
-        save_file(state, str(dest / "mimi" / item.name))
-    return dest
-
-
 def tone(seconds: float, rate: int, channels: int = 1, freq: float = 220.0,
          amplitude: float = 0.3) -> np.ndarray:
     """A plain sine (float32, [samples, channels]): audible, not silent, not speech."""

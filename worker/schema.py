@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat,
+                      StrictInt,
                       StrictStr, ValidationError, field_validator, model_validator)
 
 from csm.sampling import MAX_TOPK
 
 from .settings import Limits
+from .stream_encoder import STREAM_FORMATS
 
 VOICES = ("conversational_a", "conversational_b", "none")
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "pcm")
@@ -32,8 +34,20 @@ class _Strict(BaseModel):
 Speaker = Annotated[StrictInt, Field(ge=0, le=MAX_SPEAKER)]
 
 
+def _encodable(v: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"): not text, and the tokenizer rejects them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+
+
 class DialogueTurn(_Strict):
-    text: StrictStr
+    text: Text
     speaker: Speaker
 
     @field_validator("text")
@@ -52,8 +66,8 @@ class ContextTurn(DialogueTurn):
 
 class GenerateRequest(_Strict):
     task: Literal["generate"] = "generate"
-    text: StrictStr | None = None
-    input: StrictStr | None = None  # alias of text, as OpenAI-style clients send it
+    text: Text | None = None
+    input: Text | None = None  # alias of text, as OpenAI-style clients send it
     turns: list[DialogueTurn] | None = None
     speaker: Speaker | None = None
     voice: Literal["conversational_a", "conversational_b", "none"] | None = None
@@ -75,9 +89,10 @@ class GenerateRequest(_Strict):
             raise ValueError("speaker: not allowed with turns (each turn has its speaker)")
         if self.turns is not None and not self.turns:
             raise ValueError("turns: must not be empty")
-        if self.stream and self.response_format == "flac":
-            raise ValueError("response_format: flac cannot be streamed (its header is written "
-                             "last); use wav, pcm, ogg, opus or mp3 with stream")
+        if self.stream and self.response_format not in STREAM_FORMATS:
+            raise ValueError(f"response_format: {self.response_format} cannot be streamed (its "
+                             f"header is written last); use {', '.join(STREAM_FORMATS)} with "
+                             "stream")
         words = self.text if self.text is not None else self.input
         if words is not None and not words.strip():
             raise ValueError("text: must not be empty")
@@ -122,7 +137,10 @@ def parse_request(payload: Any, limits: Limits) -> Request:
     """The job's `input` -> a validated request, or RequestError naming field and limit."""
     if not isinstance(payload, dict):
         raise RequestError(f"input must be a JSON object, got {type(payload).__name__}")
-    model = VerifyRequest if payload.get("task") == "verify_watermark" else GenerateRequest
+    task = payload.get("task", "generate")
+    if task not in ("generate", "verify_watermark"):
+        raise RequestError(f"task: must be one of 'generate', 'verify_watermark', got {task!r}")
+    model = VerifyRequest if task == "verify_watermark" else GenerateRequest
     try:
         request = model.model_validate(payload)
     except ValidationError as e:

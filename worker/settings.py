@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,7 +43,12 @@ class Settings:
 _LIMIT_ENV = {f.name: f"CSM_{f.name.upper()}" for f in fields(Limits)}
 
 
-def _number(env: dict[str, str], name: str, default: float, kind: type) -> float:
+# Below these a limit would refuse every request (or let one through with no audio).
+_MINIMUM = {"max_audio_length_ms": 80}
+
+
+def _number(env: dict[str, str], name: str, default: float, kind: type,
+            minimum: float | None = None) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -50,15 +56,17 @@ def _number(env: dict[str, str], name: str, default: float, kind: type) -> float
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    if not math.isfinite(value) or value <= 0 or (minimum is not None and value < minimum):
+        at_least = f" of at least {minimum:g}" if minimum is not None else ""
+        raise SettingsError(f"{name} must be a positive finite number{at_least}, got {raw!r}")
     return value
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     limits = Limits(**{
-        f.name: _number(env, _LIMIT_ENV[f.name], f.default, type(f.default))
+        f.name: _number(env, _LIMIT_ENV[f.name], f.default, type(f.default),
+                        _MINIMUM.get(f.name))
         for f in fields(Limits)})
     raw_key = env.get("CSM_WATERMARK_KEY", "").strip()
     if raw_key:

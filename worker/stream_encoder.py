@@ -3,10 +3,11 @@
 - pcm: raw little-endian 16-bit samples, no header.
 - wav: the first chunk starts with a WAV header whose sizes say "unknown" (0xFFFFFFFF, what
   streaming servers send); the rest is raw PCM.
-- ogg (Vorbis), opus (Ogg Opus), mp3: libsndfile's own encoder writing into memory; each
-  chunk is the bytes it produced since the last one (Ogg emits whole pages, so a chunk can
-  be empty until a page fills).
-FLAC rewrites its header when the file closes, so it cannot be streamed this way.
+- ogg (Vorbis), opus (Ogg Opus): libsndfile's own encoder writing into memory; each chunk is
+  the bytes it produced since the last one (Ogg emits whole pages, so a chunk can be empty
+  until a page fills).
+FLAC and MP3 go back to the start of the file when it closes (FLAC's stream info, MP3's
+Xing/Info tag), so bytes already sent would be wrong: they cannot be streamed this way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from .audio_io import OUTPUT_FORMATS
 
-STREAM_FORMATS = ("pcm", "wav", "ogg", "opus", "mp3")
+STREAM_FORMATS = ("pcm", "wav", "ogg", "opus")
 
 
 def _pcm16(audio: Tensor) -> bytes:
@@ -45,7 +46,7 @@ class StreamEncoder:
         self.buffer: io.BytesIO | None = None
         self.file: sf.SoundFile | None = None
         self.sent = 0
-        if fmt in ("ogg", "opus", "mp3"):
+        if fmt in ("ogg", "opus"):
             container, subtype = OUTPUT_FORMATS[fmt]
             self.buffer = io.BytesIO()
             self.file = sf.SoundFile(self.buffer, "w", samplerate=sample_rate, channels=1,

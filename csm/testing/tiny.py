@@ -118,7 +118,14 @@ def write_random_mimi(folder: Path, seed: int, config: dict | None) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mimi = loaders.get_mimi(None, config, device="cpu", num_codebooks=32)
-    state = {k: v.detach().contiguous() for k, v in mimi.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in mimi.state_dict().items()}
+        # An untrained Mimi has all-zero codebooks (filled by k-means in training): its audio
+        # would not depend on the codes at all. Random, "initialised" codebooks make it do so.
+        for key in state:
+            if key.endswith("_codebook.embedding_sum"):
+                state[key] = torch.randn(state[key].shape)
+            elif key.endswith("_codebook._initialized"):
+                state[key] = torch.ones_like(state[key])
     save_file(state, str(folder / WEIGHTS_FILE))
     if config is not None:
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
