@@ -3,7 +3,8 @@
 Everything heavy is loaded once (`Engine.load`). A request becomes a scheduler job (see
 scheduler.py): its prompt is built here, frames are drawn in the shared batched loop, Mimi
 decodes them as they come, and the finished audio is watermarked. `generate` waits for the
-whole result; `stream` yields audio blocks as the loop produces them.
+whole result; `start` returns a running `Generation` whose audio blocks arrive as the loop
+produces them (the worker streams from it).
 
 A request may hold several utterances (long text split into pieces, or dialogue turns): each
 is generated with the fixed context plus the utterances before it, the oldest of those
@@ -251,14 +252,6 @@ class Engine:
         generation = Generation(self, request, deliver)
         self.scheduler.submit(generation.job)
         return generation
-
-    def stream(self, request: GenerationRequest) -> Iterator[AudioBlock]:
-        """Unwatermarked audio blocks as decoded; closing the iterator cancels the job."""
-        generation = self.start(request)
-        try:
-            yield from generation.blocks()
-        finally:
-            generation.cancel()
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         generation = self.start(request)

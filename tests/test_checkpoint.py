@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
 from transformers.utils import logging as hf_logging

@@ -8,7 +8,6 @@ these tests show that the two draw exactly the same codes and audio.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np

@@ -63,9 +63,9 @@ class Worker:
         # One short job through every stage (lazy CUDA graphs in Mimi, cuBLAS handles,
         # SilentCipher) so that the first caller does not pay for them.
         started = time.perf_counter()
-        engine.generate(GenerationRequest(text="Warming up.", context=(presets["conversational_a"],),
-                                          max_audio_length_ms=4 * 80,
-                                          watermark_key=settings.watermark_key))
+        engine.generate(GenerationRequest(
+            text="Warming up.", context=(presets["conversational_a"],),
+            max_audio_length_ms=4 * 80, watermark_key=settings.watermark_key))
         engine.startup_ms["warm_up"] = 1000 * (time.perf_counter() - started)
         if settings.watermark_key_is_public:
             log.warning("CSM_WATERMARK_KEY is unset: watermarking with CSM's public key, which "
