@@ -121,7 +121,9 @@ def build_empty_model(cfg: CSMConfig, device: torch.device, dtype: torch.dtype) 
     """A model with uninitialised weights on `device`: no random init, no CPU detour."""
     with torch.device("meta"):
         model = CSM(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    for param in model.parameters():  # on the meta device: no memory yet
+        param.data = param.data.to(dtype)
+    model = model.to_empty(device=device)
     model.init_buffers(device)
     return model.eval().requires_grad_(False)
 

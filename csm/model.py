@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import CSMConfig
 from .llama import Transformer
-from .sampling import sample_topk
+from .sampling import gumbel_noise, sample_topk
 
 
 @dataclass
@@ -77,9 +77,10 @@ class CSM(nn.Module):
     def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
         """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
         b, n = h.shape[0], self.cfg.num_codebooks
-        counter = sampling.frame_index * n
+        draws = sampling.frame_index[:, None] * n + torch.arange(n, device=h.device)
+        noise = gumbel_noise(sampling.seed, draws, self.cfg.audio_vocab_size)  # [B, 32, V]
         c0 = sample_topk(self.codebook0_head(h), sampling.temperature, sampling.topk,
-                         sampling.seed, counter)
+                         noise[:, 0])
         codes = [c0]
         # Positions 0 and 1 together: the backbone state, then codebook 0's embedding.
         x = torch.stack([h, self.audio_embeddings(c0)], dim=1)
@@ -87,8 +88,7 @@ class CSM(nn.Module):
         for i in range(1, n):
             out = self.decoder(self.projection(x), pos, rows)[:, -1]
             logits = torch.mm(out, self.audio_head[i - 1])
-            ci = sample_topk(logits, sampling.temperature, sampling.topk, sampling.seed,
-                             counter + i)
+            ci = sample_topk(logits, sampling.temperature, sampling.topk, noise[:, i])
             codes.append(ci)
             x = self.audio_embeddings(ci + self.codebook_offsets[i]).unsqueeze(1)
             pos = self.decoder_positions[i + 1:i + 2].expand(b, 1)

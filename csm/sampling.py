@@ -26,23 +26,32 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def uniform_noise(seed: Tensor, counter: Tensor, n: int) -> Tensor:
-    """[B, n] uniforms in (0, 1), a pure function of (seed[b], counter[b], column)."""
+    """[*counter.shape, n] uniforms in (0, 1), a pure function of (seed, counter, column).
+
+    seed: [B]; counter: [B] or [B, draws] (one draw per counter value).
+    """
+    seed = seed.view(-1, *([1] * (counter.dim() - 1)))
     row = _mix32(_mix32(_mix32(seed & _M32) ^ (seed >> 32)) ^ (counter & _M32))
     cols = torch.arange(n, device=seed.device, dtype=torch.int64) * 0x9E3779B1 & _M32
-    h = _mix32(row[:, None] ^ cols[None, :])
+    h = _mix32(row.unsqueeze(-1) ^ cols)
     # 23 bits keep (h + 0.5) / 2**23 strictly inside (0, 1) in float32.
     return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def sample_topk(logits: Tensor, temperature: Tensor, topk: Tensor, seed: Tensor,
-                counter: Tensor) -> Tensor:
-    """Per-row temperature, top-k and seed; returns [B] token ids (int64).
+def gumbel_noise(seed: Tensor, counter: Tensor, n: int) -> Tensor:
+    """Gumbel(0, 1) noise of the same shape and keys as `uniform_noise`; drawing a frame's
+    32 draws at once costs one set of kernels instead of 32."""
+    return -torch.log(-torch.log(uniform_noise(seed, counter, n)))
 
+
+def sample_topk(logits: Tensor, temperature: Tensor, topk: Tensor, gumbel: Tensor) -> Tensor:
+    """Per-row temperature and top-k, with that draw's Gumbel noise [B, V]; returns [B] ids.
+
+    argmax(logits / T + Gumbel) over the top k is a draw from softmax(top-k logits / T).
     Tokens tied with the k-th largest logit are kept, as the reference keeps them.
     """
     scaled = logits.float() / temperature[:, None]
     k_max = min(MAX_TOPK, scaled.shape[-1])
     kth = torch.topk(scaled, k_max, dim=-1).values.gather(1, (topk.clamp(1, k_max) - 1)[:, None])
     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, scaled.shape[-1])))
     return torch.argmax(scaled + gumbel, dim=-1)

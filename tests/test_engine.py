@@ -217,16 +217,29 @@ def test_counter_based_noise_is_uniform_and_row_independent():
     assert hist.min() > 0.9 * hist.mean()
 
 
-def test_topk_sampling_keeps_only_the_top_k():
-    from csm.sampling import sample_topk
+def test_topk_sampling_keeps_only_the_top_k_with_softmax_odds():
+    from csm.sampling import gumbel_noise, sample_topk
 
-    logits = torch.arange(100, dtype=torch.float32).repeat(400, 1)  # best token is 99
-    draws = sample_topk(logits, torch.full((400,), 5.0), torch.full((400,), 3),
-                        torch.arange(400), torch.zeros(400, dtype=torch.long))
+    rows = 4000
+    logits = torch.arange(100, dtype=torch.float32).repeat(rows, 1)  # best token is 99
+    noise = gumbel_noise(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 100)
+    draws = sample_topk(logits, torch.full((rows,), 1.0), torch.full((rows,), 3), noise)
     assert set(draws.tolist()) == {97, 98, 99}
-    greedy = sample_topk(logits, torch.full((400,), 0.9), torch.ones(400, dtype=torch.long),
-                         torch.arange(400), torch.zeros(400, dtype=torch.long))
+    # softmax over logits 97, 98, 99 at temperature 1: 0.090, 0.245, 0.665
+    share = torch.bincount(draws - 97, minlength=3).float() / rows
+    assert torch.allclose(share, torch.tensor([0.090, 0.245, 0.665]), atol=0.03)
+    greedy = sample_topk(logits, torch.full((rows,), 0.9), torch.ones(rows, dtype=torch.long),
+                         noise)
     assert set(greedy.tolist()) == {99}
+
+
+def test_a_frames_draws_equal_one_draw_at_a_time():
+    from csm.sampling import uniform_noise
+
+    seed, counters = torch.tensor([7, 9]), torch.tensor([[64, 65, 66], [0, 1, 2]])
+    together = uniform_noise(seed, counters, 50)
+    for i in range(3):
+        assert torch.equal(together[:, i], uniform_noise(seed, counters[:, i], 50))
 
 
 def test_preset_prefix_is_copied_not_prefilled_and_changes_nothing(tiny_model_dir, voice):
