@@ -104,6 +104,33 @@ def transformers_side(cfg: CSMConfig, state: dict, engine: Engine, device: torch
     return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf)}
 
 
+def worker_stream(folder: Path, device: torch.device, frames: int, reps: int) -> dict:
+    """Time to the first streamed chunk through the worker (watermarked), against the same
+    request answered whole."""
+    import asyncio
+
+    from worker.service import Worker
+    from worker.settings import load_settings
+
+    worker = Worker.start(load_settings({"CSM_MODEL_DIR": str(folder), "CSM_DEVICE": str(device),
+                                         "CSM_MAX_CONCURRENCY": "1", "CSM_LOG_LEVEL": "ERROR"}))
+    payload = {"text": TEXT, "voice": "none", "max_audio_length_ms": frames * 80}
+
+    async def first_and_last(stream: bool) -> tuple[float, float]:
+        start, first = time.perf_counter(), None
+        async for _ in worker.run(dict(payload, seed=len(first_ms), stream=stream)):
+            first = first or time.perf_counter() - start
+        return 1000 * first, 1000 * (time.perf_counter() - start)
+
+    first_ms, whole_ms = [], []
+    asyncio.run(first_and_last(True))  # warm-up
+    for _ in range(reps):
+        first_ms.append(asyncio.run(first_and_last(True))[0])
+        whole_ms.append(asyncio.run(first_and_last(False))[1])
+    return {"stream_first_chunk_ms": stats(first_ms), "whole_response_ms": stats(whole_ms),
+            "first_chunk_over_whole": statistics.median(first_ms) / statistics.median(whole_ms)}
+
+
 def concurrency_sweep(engine: Engine, frames: int, levels: list[int]) -> list[dict]:
     """Aggregate throughput of n jobs at once against the same n jobs one after another."""
     rows = []
@@ -171,6 +198,7 @@ def main() -> None:
                 report["ours"]["frames_per_s"]["median"]
                 / report["transformers"]["frames_per_s"]["median"])
         report["concurrency"] = concurrency_sweep(engine, args.frames, levels)
+        report["worker_stream"] = worker_stream(folder, device, args.frames, args.reps)
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
