@@ -14,8 +14,9 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.tx
 
 setup: $(VENV)/.installed
 
+# The venv's bin first on PATH, as if activated: tests call its tools (hadolint).
 test: setup
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 # Runs the worker once on test_input.json against $(MODEL_DIR) (real weights: `make weights`).
 run: setup
