@@ -167,6 +167,8 @@ class Engine:
         self.watermarker = watermarker
         self.device = model.codebook0_head.weight.device
         start = time.perf_counter()
+        model.backbone.fuse()
+        model.decoder.fuse()
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs)
         self.prefixes: list[tuple[Segment, Prefix]] = []
         # Where start-up time went: weights, codec, watermark, caches and graph capture.

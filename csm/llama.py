@@ -76,12 +76,24 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
+        self.wqkv: Tensor | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v: the three weights become views of one tensor."""
+        self.wqkv = _fuse(self.q_proj, self.k_proj, self.v_proj)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.wqkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
+        return F.linear(x, self.wqkv).split([nq, nkv, nkv], dim=-1)
 
     def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice) -> Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.hd), rope).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.hd), rope).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = apply_rope(q.view(b, s, self.n_heads, self.hd), rope).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv, self.hd), rope).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
         index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
         k_cache.scatter_(2, index, k)
@@ -97,9 +109,27 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w13: Tensor | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        """One matmul for the gate and up projections (w1, w3)."""
+        self.w13 = _fuse(self.w1, self.w3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _fuse(*linears: nn.Linear) -> Tensor:
+    """Concatenate the weights and make each layer's weight a view of the result, so the
+    parameters (and state_dict) keep their names and no second copy stays in memory."""
+    fused = torch.cat([lin.weight.data for lin in linears])
+    for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
+        lin.weight.data = part
+    return fused
 
 
 class Layer(nn.Module):
@@ -129,6 +159,12 @@ class Transformer(nn.Module):
         causal = torch.ones(self.cfg.max_seq_len, self.cfg.max_seq_len, dtype=torch.bool,
                             device="cpu")
         self.register_buffer("causal", causal.tril().to(device), persistent=False)
+
+    def fuse(self) -> None:
+        """Fewer, larger matmuls per layer (an engine-time optimisation; same numbers)."""
+        for layer in self.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
 
     def setup_cache(self, max_batch: int) -> None:
         """(Re)allocate the KV cache; contents are never read past a row's own positions."""
