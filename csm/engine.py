@@ -141,15 +141,19 @@ class Generation:
     def cancel(self) -> None:
         self.engine.scheduler.cancel(self.job)
 
+    @staticmethod
+    def unpack(event: object) -> AudioBlock | None:
+        """An event as delivered: the block, None at the end, or the job's error raised."""
+        if isinstance(event, StopIteration):
+            return None
+        if isinstance(event, BaseException):
+            raise event
+        return event  # type: ignore[return-value]
+
     def blocks(self) -> Iterator[AudioBlock]:
         """Audio blocks as they come; raises the job's error if it failed."""
-        while True:
-            event = self.events.get()
-            if isinstance(event, StopIteration):
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+        while (block := self.unpack(self.events.get())) is not None:
+            yield block
 
     def stop_reason(self) -> str:
         if self.job.cancelled:

@@ -112,13 +112,8 @@ class Worker:
 
     @staticmethod
     async def blocks(events: asyncio.Queue) -> AsyncIterator[AudioBlock]:
-        while True:
-            event = await events.get()
-            if isinstance(event, StopIteration):
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+        while (block := Generation.unpack(await events.get())) is not None:
+            yield block
 
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
