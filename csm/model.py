@@ -77,7 +77,8 @@ class CSM(nn.Module):
     def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
         """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
         b, n = h.shape[0], self.cfg.num_codebooks
-        draws = sampling.frame_index[:, None] * n + torch.arange(n, device=h.device)
+        # Draw number of each codebook: frame * 32 + 0..31 (the positions table is that range).
+        draws = sampling.frame_index[:, None] * n + self.decoder_positions[:n]
         noise = gumbel_noise(sampling.seed, draws, self.cfg.audio_vocab_size)  # [B, 32, V]
         c0 = sample_topk(self.codebook0_head(h), sampling.temperature, sampling.topk,
                          noise[:, 0])

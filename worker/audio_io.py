@@ -65,13 +65,22 @@ def read_audio(field: str, raw: bytes) -> tuple[Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(mono)), int(rate)
 
 
+def clipped_samples(audio: Tensor) -> np.ndarray:
+    """1-D float32 samples in [-1, 1], on the CPU, as every encoder takes them."""
+    return audio.detach().float().cpu().clamp(-1, 1).numpy()
+
+
+def pcm16(audio: Tensor) -> bytes:
+    """Raw little-endian 16-bit samples: the `pcm` format, and WAV's payload."""
+    return (clipped_samples(audio) * 32767).round().astype("<i2").tobytes()
+
+
 def encode_audio(audio: Tensor, sample_rate: int, fmt: str) -> bytes:
-    container, subtype = OUTPUT_FORMATS[fmt]
-    samples = audio.detach().float().cpu().clamp(-1, 1).numpy()
     if fmt == "pcm":
-        return (samples * 32767).round().astype("<i2").tobytes()
+        return pcm16(audio)
+    container, subtype = OUTPUT_FORMATS[fmt]
     buf = io.BytesIO()
-    sf.write(buf, samples, sample_rate, format=container, subtype=subtype)
+    sf.write(buf, clipped_samples(audio), sample_rate, format=container, subtype=subtype)
     return buf.getvalue()
 
 

@@ -15,18 +15,12 @@ from __future__ import annotations
 import io
 import struct
 
-import numpy as np
 import soundfile as sf
 from torch import Tensor
 
-from .audio_io import OUTPUT_FORMATS
+from .audio_io import OUTPUT_FORMATS, clipped_samples, pcm16
 
 STREAM_FORMATS = ("pcm", "wav", "ogg", "opus")
-
-
-def _pcm16(audio: Tensor) -> bytes:
-    samples = audio.detach().float().cpu().clamp(-1, 1).numpy()
-    return (samples * 32767).round().astype("<i2").tobytes()
 
 
 def wav_stream_header(sample_rate: int) -> bytes:
@@ -57,8 +51,8 @@ class StreamEncoder:
             header = b"" if self.started or self.fmt == "pcm" else wav_stream_header(
                 self.sample_rate)
             self.started = True
-            return header + _pcm16(audio)
-        self.file.write(audio.detach().float().cpu().clamp(-1, 1).numpy().astype(np.float32))
+            return header + pcm16(audio)
+        self.file.write(clipped_samples(audio))
         return self._new_bytes()
 
     def close(self) -> bytes:
