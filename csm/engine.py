@@ -179,6 +179,20 @@ class Engine:
         self.startup_ms = dict(startup_ms or {})
         self.startup_ms["caches_and_graphs"] = 1000 * (time.perf_counter() - start)
 
+    def close(self) -> None:
+        """Stop the frame loop and let go of the model, codec and caches (device memory)."""
+        self.scheduler.close()
+        for name in ("scheduler", "model", "codec", "watermarker", "prefixes"):
+            setattr(self, name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def load_ms(self) -> float:
         return sum(self.startup_ms.values())

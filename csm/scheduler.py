@@ -33,6 +33,10 @@ CHECK_EVERY = 4
 PREFILL_CHUNK = 512
 
 
+class EngineClosedError(RuntimeError):
+    """A job was submitted to, or still running in, an engine that was closed."""
+
+
 @dataclass(frozen=True)
 class Prefix:
     """The backbone's keys and values for a prompt's first positions, computed once."""
@@ -89,11 +93,14 @@ class Scheduler:
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.closed = False
         self.codec.streamer.streaming_forever(max_batch)
 
     # ---- thread-safe API -------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.closed:
+                raise EngineClosedError("the engine is closed")
             self.pending.append(job)
             self.cond.notify()
             if self.thread is None:
@@ -106,6 +113,19 @@ class Scheduler:
         with self.cond:
             self.cond.notify()
 
+    def close(self) -> None:
+        """Stop the loop (jobs still waiting or running fail) and let go of the thread."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+        error = EngineClosedError("the engine was closed before this job finished")
+        for job in list(self.pending):
+            job.on_done(error)
+        self.pending.clear()
+        self._fail_all(error)
+
     @property
     def active_jobs(self) -> int:
         return sum(job is not None for job in self.slots)
@@ -115,8 +135,10 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.pending and not any(self.slots):
+                    while not self.pending and not any(self.slots) and not self.closed:
                         self.cond.wait()
+                    if self.closed:
+                        return
                 try:
                     self._iteration()
                 except Exception as e:  # noqa: BLE001 - fail the jobs, keep the loop alive
