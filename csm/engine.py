@@ -8,7 +8,10 @@ produces them (the worker streams from it).
 
 A request may hold several utterances (long text split into pieces, or dialogue turns): each
 is generated with the fixed context plus the utterances before it, the oldest of those
-dropped first when the position window runs short.
+dropped first when the position window runs short (see conversation.py).
+
+`Engine.start` tokenises and builds the first prompt on the caller's thread: an asyncio
+caller runs it in a worker thread, so a long context never stalls its event loop.
 """
 
 from __future__ import annotations
@@ -25,24 +28,15 @@ from torch import Tensor
 from .audio import resample
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, MimiCodec
+from .conversation import FRAME_MS, Conversation, PromptTooLongError, Utterance
 from .model import CSM
 from .prompt import Segment, build_prompt
-from .scheduler import Job, Piece, Prefix, Scheduler
+from .scheduler import STALL_TIMEOUT_S, DeviceFaultError, Job, Piece, Prefix, Scheduler
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
-FRAME_MS = 80
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus the requested audio does not fit the backbone's position window."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    speaker: int
-    text: str
-    max_audio_length_ms: int = 10_000
+__all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "Generation",
+           "GenerationRequest", "GenerationResult", "PromptTooLongError", "Utterance"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +106,15 @@ class Generation:
         self.request = request
         self.events: queue.Queue = queue.Queue()
         self.deliver = deliver or self.events.put
-        self.history: list[tuple[Utterance, Tensor]] = []
-        self.reasons: list[str] = []
+        self.reasons: list[str] = []  # each finished utterance's stop reason
         self.started = time.perf_counter()
         self.first_audio_ms: float | None = None
-        first = engine.piece(request.context, [], request.utterances[0])
+        self.conversation = engine.conversation(request.context)
+        # Every utterance must fit on its own (history can be dropped, context can't):
+        # refuse now, before any work, rather than after the first pieces were spoken.
+        for utterance in request.utterances[1:]:
+            self.conversation.check(utterance)
+        first = self.conversation.piece(request.utterances[0])
         self.prompt_positions = len(first.tokens)
         self.job = Job(piece=first, temperature=request.temperature, topk=request.topk,
                        seed=request.seed, on_audio=self._on_audio, next_piece=self._next_piece,
@@ -125,15 +123,16 @@ class Generation:
     def _on_audio(self, audio: Tensor, codes: Tensor) -> None:
         if self.first_audio_ms is None:
             self.first_audio_ms = 1000 * (time.perf_counter() - self.started)
-        self.deliver(AudioBlock(audio.cpu(), codes, len(self.history)))
+        self.deliver(AudioBlock(audio.cpu(), codes, len(self.reasons)))
 
     def _next_piece(self, codes: Tensor, reason: str) -> Piece | None:
+        """Called on the loop thread: cheap, every turn is already tokenised."""
         utterances = self.request.utterances
-        self.history.append((utterances[len(self.history)], codes))
+        self.conversation.add(utterances[len(self.reasons)], codes)
         self.reasons.append(reason)
-        if len(self.history) == len(utterances):
+        if len(self.reasons) == len(utterances):
             return None
-        return self.engine.piece(self.request.context, self.history, utterances[len(self.history)])
+        return self.conversation.piece(utterances[len(self.reasons)])
 
     def _on_done(self, error: BaseException | None) -> None:
         self.deliver(error if error is not None else StopIteration())
@@ -156,15 +155,16 @@ class Generation:
             yield block
 
     def stop_reason(self) -> str:
-        if self.job.cancelled:
-            return "cancelled"
+        if len(self.reasons) < len(self.request.utterances):
+            return "cancelled"  # it ended before its last utterance did: only cancel does that
         return "max_length" if "max_length" in self.reasons else "end_of_speech"
 
 
 class Engine:
     def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: MimiCodec,
                  watermarker: Watermarker | None, max_batch: int = 1,
-                 startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None):
+                 startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None,
+                 stall_timeout_s: float = STALL_TIMEOUT_S):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -173,7 +173,7 @@ class Engine:
         start = time.perf_counter()
         model.backbone.fuse()
         model.decoder.fuse()
-        self.scheduler = Scheduler(model, codec, max_batch, use_graphs)
+        self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s)
         self.prefixes: list[tuple[Segment, Prefix]] = []
         # Where start-up time went: weights, codec, watermark, caches and graph capture.
         self.startup_ms = dict(startup_ms or {})
@@ -200,7 +200,8 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, max_batch: int = 1,
-             use_graphs: bool | None = None) -> "Engine":
+             use_graphs: bool | None = None,
+             stall_timeout_s: float = STALL_TIMEOUT_S) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
@@ -219,7 +220,7 @@ class Engine:
         watermarker = timed("watermark",
                             lambda: Watermarker.load(model_dir / "silentcipher", device))
         return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
-                   startup_ms=startup, use_graphs=use_graphs)
+                   startup_ms=startup, use_graphs=use_graphs, stall_timeout_s=stall_timeout_s)
 
     @property
     def max_positions(self) -> int:
@@ -237,38 +238,20 @@ class Engine:
             [(self.tokenizer.encode_turn(segment.speaker, segment.text), segment.codes)], None)
         self.prefixes.append((segment, self.scheduler.compute_prefix(tokens, mask)))
 
-    def _prefix_for(self, context: tuple[Segment, ...]) -> Prefix | None:
-        return next((p for s, p in self.prefixes if context and context[0] is s), None)
+    def conversation(self, context: tuple[Segment, ...]) -> Conversation:
+        """A job's prompt builder; a context that starts with a registered voice reuses its
+        prefilled keys and values."""
+        prefix = next((p for s, p in self.prefixes if context and context[0] is s), None)
+        return Conversation(self.tokenizer, context, self.max_positions, prefix)
 
-    def piece(self, context: tuple[Segment, ...], history: list[tuple[Utterance, Tensor]],
-              utterance: Utterance) -> Piece:
-        """The prompt for one utterance: fixed context, then as much history as fits."""
-        max_frames = utterance.max_audio_length_ms // FRAME_MS
-        limit = self.max_positions - max_frames
-        encode = self.tokenizer.encode_turn
-        fixed = [(encode(s.speaker, s.text), s.codes) for s in context]
-        recent = [(encode(u.speaker, u.text), codes) for u, codes in history]
-        target = encode(utterance.speaker, utterance.text)
-        while True:
-            tokens, mask = build_prompt(fixed + recent, target)
-            if tokens.shape[0] < limit:
-                return Piece(tokens, mask, max_frames, self._prefix_for(context))
-            if not recent:
-                raise PromptTooLongError(
-                    f"the prompt (text plus context) takes {tokens.shape[0]} positions; with "
-                    f"max_audio_length_ms={utterance.max_audio_length_ms} ({max_frames} "
-                    f"frames) it must be under {limit} of the model's {self.max_positions}: "
-                    "shorten the context or the text, or ask for less audio")
-            recent.pop(0)
-
-    def check(self, request: GenerationRequest) -> None:
-        """Refuse, before any work, an utterance that cannot fit even without history."""
-        for utterance in request.utterances:
-            self.piece(request.context, [], utterance)
+    @property
+    def fault(self) -> DeviceFaultError | None:
+        """Set once the device failed: every later job is refused; restart the process."""
+        return self.scheduler.fault
 
     def start(self, request: GenerationRequest,
               deliver: Callable[[object], None] | None = None) -> Generation:
-        self.check(request)
+        """Build the job's prompts (PromptTooLongError if one can't fit) and queue it."""
         generation = Generation(self, request, deliver)
         self.scheduler.submit(generation.job)
         return generation

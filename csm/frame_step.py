@@ -23,15 +23,25 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class FrameStepper:
+    """The device side of every row, and its one owner.
+
+    A row is live while its frame budget (`remaining`) is above zero: each step draws a frame
+    for every row of the bucket, but only live rows advance their position and frame counter,
+    and a row stops by itself once it has drawn its piece's frames, mid-block, with no host
+    sync. So no row ever writes past `position + frames` of its piece, which the scheduler
+    keeps inside the window (see `start`). A parked row has no budget and sits at `park`,
+    the last cache position of its own row, which no live position attends to.
+    """
+
     def __init__(self, model: CSM, max_batch: int, park_position: int,
                  use_graphs: bool | None = None):
         self.model = model
         dev = model.codebook0_head.weight.device
         dtype = model.codebook0_head.weight.dtype
-        self.park = park_position
+        self.park_position = park_position
         self.h = torch.zeros(max_batch, model.cfg.backbone.dim, dtype=dtype, device=dev)
         self.position = torch.full((max_batch,), park_position, dtype=torch.long, device=dev)
-        self.active = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.remaining = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.sampling = SamplingState(
             temperature=torch.ones(max_batch, device=dev),
             topk=torch.ones(max_batch, dtype=torch.long, device=dev),
@@ -47,20 +57,25 @@ class FrameStepper:
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
-    def start_row(self, slot: int, h: Tensor, position: int, temperature: float, topk: int,
-                  seed: int) -> None:
-        """Make `slot` live: its prompt's last hidden state and its sampling settings."""
-        self.h[slot].copy_(h)
-        self.position[slot] = position
-        self.active[slot] = 1
-        self.sampling.temperature[slot] = temperature
-        self.sampling.topk[slot] = topk
-        self.sampling.seed[slot] = seed
-        self.sampling.frame_index[slot] = 0
+    def start(self, row: int, h: Tensor, position: int, frames: int, temperature: float,
+              topk: int, noise_key: int) -> None:
+        """Make `row` live: its prompt's last hidden state at `position`, `frames` to draw."""
+        if position + frames > self.park_position:
+            # The piece builder keeps prompts inside the window; this is the last line before
+            # an out-of-range cache index, which on a GPU poisons the whole CUDA context.
+            raise ValueError(f"a piece of {frames} frames after {position} prompt positions "
+                             f"does not fit the {self.park_position + 1}-position window")
+        self.h[row].copy_(h)
+        self.position[row] = position
+        self.remaining[row] = frames
+        self.sampling.temperature[row] = temperature
+        self.sampling.topk[row] = topk
+        self.sampling.seed[row] = noise_key
+        self.sampling.frame_index[row] = 0
 
-    def park_row(self, slot: int) -> None:
-        self.active[slot] = 0
-        self.position[slot] = self.park
+    def park(self, row: int) -> None:
+        self.remaining[row] = 0
+        self.position[row] = self.park_position
 
     def _step(self, n: int) -> Tensor:
         rows = slice(0, n)
@@ -68,10 +83,11 @@ class FrameStepper:
                                               self.sampling.rows(rows), rows)
         self.h[rows].copy_(h_next)
         self.codes[rows].copy_(codes)
-        self.position[rows] += self.active[rows]
-        self.sampling.frame_index[rows] += self.active[rows]
+        live = (self.remaining[rows] > 0).long()
+        self.position[rows] += live
+        self.sampling.frame_index[rows] += live
+        self.remaining[rows] -= live
         return self.codes[rows]
-
     def step(self, n: int) -> Tensor:
         """One frame for rows [0, n) (n a bucket); returns their codes [n, 32] on the device."""
         graph = self.graphs.get(n)

@@ -16,6 +16,16 @@ MAX_TOPK = 256
 _M32 = 0xFFFFFFFF
 
 
+def noise_key(seed: int, piece: int) -> int:
+    """The noise stream of one piece of a job (long text and dialogues have several).
+
+    The seed's 32 bits with the piece index above them: `uniform_noise` hashes both halves,
+    so every piece draws fresh noise (its frame counter restarts at 0), the first piece draws
+    what a one-piece job draws, and a seed still reproduces the whole job.
+    """
+    return (seed & _M32) | (piece << 32)
+
+
 def _mix32(x: Tensor) -> Tensor:
     """A 32-bit integer hash on int64 tensors (multipliers < 2**31, so no int64 overflow)."""
     x = x ^ (x >> 16)

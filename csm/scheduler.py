@@ -8,14 +8,20 @@ boundaries; a finished job's slot is reused at once. A job may be several pieces
 dialogue turns): when one piece ends, `next_piece` gives the next prompt and the job
 re-prefills its own slot, keeping its Mimi state so the audio runs on without a seam.
 
-Rows outside any job are "parked" at the last cache position, which no job ever reaches:
-whatever the step computes for them lands where no live row can attend to it.
+Who owns what: the `Occupant` of a slot is its host-side state (the job, its current piece
+and how far it has got); `FrameStepper` owns the row's device buffers; `_occupy` and
+`_vacate` are the only ways into and out of a slot, and reset or park all of it together.
+
+Nothing a job does can stop the loop: its callbacks run guarded and a failure ends that job
+alone. A device fault (a CUDA error) or a loop that stops making progress (`_watch`) fails
+every job with `DeviceFaultError` and refuses new ones: the process must be restarted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,15 +32,35 @@ from torch import Tensor
 from .codec import MimiCodec
 from .frame_step import FrameStepper
 from .model import CSM
+from .sampling import noise_key
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 4
 PREFILL_CHUNK = 512
+# One iteration is a prefill chunk plus a few frames: milliseconds on a GPU, seconds for the
+# full model on a CPU. Far beyond that, the device is hung.
+STALL_TIMEOUT_S = 120.0
 
 
 class EngineClosedError(RuntimeError):
     """A job was submitted to, or still running in, an engine that was closed."""
+
+
+class DeviceFaultError(RuntimeError):
+    """The device can't be trusted any more (a CUDA error, or a hung loop): restart."""
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """A CUDA error poisons the process's context: every later kernel fails too. Running out
+    of memory does not: that job fails and the others go on."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    if isinstance(error, getattr(torch, "AcceleratorError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("CUDA error", "CUBLAS_STATUS", "cuDNN error"))
 
 
 @dataclass(frozen=True)
@@ -55,136 +81,262 @@ class Piece:
     prefix: Prefix | None = None  # copied into the slot instead of prefilling tokens[:n]
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
+    """What a caller submits. The callbacks run on the loop thread; whatever they raise
+    fails this job alone."""
+
     piece: Piece
     temperature: float
     topk: int
     seed: int
-    # Called on the loop thread with each block of decoded audio (1-D, 24 kHz) and its codes.
+    # Each block of decoded audio (1-D, 24 kHz) and its codes [32, frames].
     on_audio: Callable[[Tensor, Tensor], None]
-    # Called when a piece ends with its codes [32, frames] and stop reason; returns the next
-    # piece or None when the job is complete.
+    # A piece's codes [32, frames] and stop reason -> the next piece, or None: complete.
     next_piece: Callable[[Tensor, str], Piece | None]
+    # Called exactly once: None when the job completed or was cancelled, else its error.
     on_done: Callable[[BaseException | None], None]
     stop_at_end_frame: bool = True
+    cancelled: bool = False
+    done: bool = False
 
-    slot: int = -1
+
+@dataclass(eq=False)
+class Occupant:
+    """A slot's host-side state: whose row it is and how far its current piece has got."""
+
+    job: Job
+    slot: int
+    piece: Piece
+    piece_index: int = 0
     prefilled: int = 0
     frames_done: int = 0
-    piece_index: int = 0
     codes: list[Tensor] = field(default_factory=list)
-    cancelled: bool = False
-    new_slot: bool = True
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.piece.tokens)
+
+    @property
+    def frames_left(self) -> int:
+        return self.piece.max_frames - self.frames_done
+
+    def next(self, piece: Piece) -> None:
+        self.piece, self.prefilled, self.frames_done, self.codes = piece, 0, 0, []
+        self.piece_index += 1
+
+    def take(self, frames: Tensor) -> tuple[int, str | None]:
+        """Keep this block's frames [steps, 32] up to the end frame or the piece's limit.
+        Returns how many were kept and why the piece ended, if it did."""
+        limit = min(len(frames), self.frames_left)
+        ends = frames[:limit].eq(0).all(dim=1).nonzero() if self.job.stop_at_end_frame else []
+        n = int(ends[0]) if len(ends) else limit
+        self.codes.append(frames[:n].t())
+        self.frames_done += n
+        if len(ends):
+            return n, "end_of_speech"
+        return n, "max_length" if self.frames_left == 0 else None
 
 
 class Scheduler:
-    def __init__(self, model: CSM, codec: MimiCodec, max_batch: int, use_graphs: bool | None = None):
+    def __init__(self, model: CSM, codec: MimiCodec, max_batch: int,
+                 use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S):
         self.model = model
         self.codec = codec
         self.max_batch = max_batch
+        self.stall_timeout_s = stall_timeout_s
         self.device = model.codebook0_head.weight.device
-        self.park = model.cfg.backbone.max_seq_len - 1
         model.setup_caches(max_batch)
-        self.stepper = FrameStepper(model, max_batch, self.park, use_graphs)
+        self.stepper = FrameStepper(model, max_batch, model.cfg.backbone.max_seq_len - 1,
+                                    use_graphs)
         self.hist = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
                                 dtype=torch.long, device=self.device)
-        self.slots: list[Job | None] = [None] * max_batch
+        self.slots: list[Occupant | None] = [None] * max_batch
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.fault: DeviceFaultError | None = None
         self.closed = False
+        self.busy_since: float | None = None  # when the running iteration began
+        self.thread: threading.Thread | None = None
+        self.watchdog: threading.Thread | None = None
         self.codec.streamer.streaming_forever(max_batch)
 
     # ---- thread-safe API -------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.fault is not None:
+                raise DeviceFaultError(str(self.fault))
             if self.closed:
                 raise EngineClosedError("the engine is closed")
             self.pending.append(job)
-            self.cond.notify()
+            self.cond.notify_all()
             if self.thread is None:
                 self.thread = threading.Thread(target=self._serve, name="csm-scheduler",
                                                daemon=True)
+                self.watchdog = threading.Thread(target=self._watch, name="csm-watchdog",
+                                                 daemon=True)
                 self.thread.start()
+                self.watchdog.start()
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True
         with self.cond:
-            self.cond.notify()
+            self.cond.notify_all()
 
     def close(self) -> None:
-        """Stop the loop (jobs still waiting or running fail) and let go of the thread."""
+        """Stop the loop; jobs still waiting or running fail with EngineClosedError."""
         with self.cond:
             self.closed = True
-            self.cond.notify()
-        if self.thread is not None:
-            self.thread.join()
+            self.cond.notify_all()
+        for thread in (self.thread, self.watchdog):
+            if thread is not None:
+                thread.join(timeout=self.stall_timeout_s)
         error = EngineClosedError("the engine was closed before this job finished")
-        for job in list(self.pending):
-            job.on_done(error)
-        self.pending.clear()
-        self._fail_all(error)
+        for job in self._all_jobs():
+            self._finish(job, error)
 
     @property
     def active_jobs(self) -> int:
-        return sum(job is not None for job in self.slots)
+        return sum(o is not None for o in self.slots)
 
     # ---- the loop --------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self.pending) or any(o is not None for o in self.slots)
+
     def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.pending and not any(self.slots) and not self.closed:
+                    while not self._has_work() and not self.closed:
                         self.cond.wait()
-                    if self.closed:
+                    if self.closed or self.fault is not None:
                         return
+                    self.busy_since = time.monotonic()
                 try:
                     self._iteration()
                 except Exception as e:  # noqa: BLE001 - fail the jobs, keep the loop alive
-                    log.exception("frame loop failed")
-                    self._fail_all(e)
+                    self._loop_failed(e)
+                finally:
+                    with self.cond:
+                        self.busy_since = None
+
+    def _watch(self) -> None:
+        """Fail everything if the loop hangs inside an iteration or its thread is gone."""
+        while True:
+            with self.cond:
+                self.cond.wait(timeout=min(1.0, self.stall_timeout_s / 4))
+                if self.closed or self.fault is not None:
+                    return
+                busy = self.busy_since
+                hung = busy is not None and time.monotonic() - busy > self.stall_timeout_s
+                dead = not self.thread.is_alive() and self._has_work()
+            if hung or dead:
+                self._declare_fault(DeviceFaultError(
+                    f"the frame loop made no progress for over {self.stall_timeout_s:g} s"
+                    if hung else "the frame loop stopped"))
+
+    def _loop_failed(self, error: Exception) -> None:
+        if is_device_fault(error):
+            self._declare_fault(DeviceFaultError(
+                f"the GPU failed ({type(error).__name__}: {str(error).splitlines()[0]})"))
+            return
+        # Not the device: the rows' state is unknown, so their jobs fail; the loop goes on.
+        log.exception("frame loop iteration failed")
+        for occupant in [o for o in self.slots if o is not None]:
+            self._vacate(occupant, error)
+
+    def _declare_fault(self, error: DeviceFaultError) -> None:
+        log.error("device fault, every job fails and new ones are refused: %s", error)
+        with self.cond:
+            if self.fault is not None:
+                return
+            self.fault = error
+            self.cond.notify_all()
+        for job in self._all_jobs():
+            self._finish(job, error)
+
+    def _all_jobs(self) -> list[Job]:
+        with self.cond:
+            jobs = list(self.pending)
+            self.pending.clear()
+        return jobs + [o.job for o in self.slots if o is not None]
 
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
         self._prefill()
-        running = [j for j in self.slots if j is not None and j.prefilled == len(j.piece.tokens)]
+        running = [o for o in self.slots if o is not None and not o.prefilling]
         if not running:
             return
-        bucket = self.stepper.bucket(max(j.slot for j in running) + 1)
-        steps = min(CHECK_EVERY, max(j.piece.max_frames - j.frames_done for j in running))
+        bucket = self.stepper.bucket(max(o.slot for o in running) + 1)
+        steps = min(CHECK_EVERY, max(o.frames_left for o in running))
         for s in range(steps):
             self.hist[s, :bucket].copy_(self.stepper.step(bucket))
         self._collect(running, steps, bucket)
 
     def _drop_cancelled(self) -> None:
         with self.cond:
-            for job in [j for j in self.pending if j.cancelled]:
+            dropped = [j for j in self.pending if j.cancelled]
+            for job in dropped:
                 self.pending.remove(job)
-                job.on_done(None)
-        for job in self.slots:
-            if job is not None and job.cancelled:
-                self._release(job, None)
+        for job in dropped:
+            self._finish(job, None)
+        for occupant in self.slots:
+            if occupant is not None and occupant.job.cancelled:
+                self._vacate(occupant, None)
 
     def _admit(self) -> None:
-        with self.cond:
-            while self.pending and None in self.slots:
+        while None in self.slots:
+            with self.cond:
+                if not self.pending:
+                    return
                 job = self.pending.popleft()
-                job.slot = self.slots.index(None)
-                self.slots[job.slot] = job
+            self._occupy(job, self.slots.index(None))
+
+    def _occupy(self, job: Job, slot: int) -> None:
+        """A fresh row for a new job: parked until its prompt is in, Mimi's state reset."""
+        self.slots[slot] = Occupant(job, slot, job.piece)
+        self.stepper.park(slot)
+        self.codec.streamer.reset_streaming(self._per_row({slot: 1}) > 0)
+
+    def _vacate(self, occupant: Occupant, error: BaseException | None) -> None:
+        self.stepper.park(occupant.slot)
+        self.slots[occupant.slot] = None
+        self._finish(occupant.job, error)
+
+    def _finish(self, job: Job, error: BaseException | None) -> None:
+        """Tell the job it ended, once, whoever (loop, watchdog, close) gets there first."""
+        with self.cond:
+            if job.done:
+                return
+            job.done = True
+        try:
+            job.on_done(error)
+        except Exception:  # noqa: BLE001 - the job is over either way
+            log.exception("a job's on_done callback raised")
+
+    def _guarded(self, occupant: Occupant, callback: Callable, *args: object) -> tuple[bool, object]:
+        """Run one of a job's callbacks: (True, its result), or (False, None) after what it
+        raised ended that job. A device fault still propagates: it is everyone's."""
+        try:
+            return True, callback(*args)
+        except Exception as e:  # noqa: BLE001
+            if is_device_fault(e):
+                raise
+            log.warning("job callback %s raised %s: failing that job",
+                        getattr(callback, "__name__", "?"), type(e).__name__)
+            self._vacate(occupant, e)
+            return False, None
 
     def _prefill(self) -> None:
         """At most PREFILL_CHUNK prompt positions per iteration, so running jobs keep going."""
         budget = PREFILL_CHUNK
-        for job in self.slots:
-            if job is None or job.prefilled == len(job.piece.tokens) or budget == 0:
-                continue
-            try:
-                budget -= self._prefill_chunk(job, budget)
-            except Exception as e:  # noqa: BLE001 - a bad prompt fails its own job only
-                log.exception("prefill failed")
-                self._release(job, e)
+        for occupant in self.slots:
+            if budget == 0:
+                return
+            if occupant is not None and occupant.prefilling:
+                ok, spent = self._guarded(occupant, self._prefill_chunk, occupant, budget)
+                budget -= spent if ok else 0
 
     def compute_prefix(self, tokens: Tensor, mask: Tensor) -> Prefix:
         """Prefill a shared prompt prefix once (before the loop starts, in row 0)."""
@@ -196,94 +348,69 @@ class Scheduler:
                                torch.arange(n, device=dev)[None], slice(0, 1))
         return Prefix(n, self.model.backbone.read_cache(0, n))
 
-    def _prefill_chunk(self, job: Job, budget: int) -> int:
-        prefix = job.piece.prefix
-        if job.prefilled == 0 and prefix is not None:
-            self.model.backbone.write_cache(job.slot, prefix.kv)
-            job.prefilled = prefix.positions
-        start = job.prefilled
-        end = min(len(job.piece.tokens), start + budget)
-        dev, slot = self.device, job.slot
-        tokens = job.piece.tokens[start:end].to(dev)[None]
-        mask = job.piece.mask[start:end].to(dev)[None]
-        pos = torch.arange(start, end, device=dev)[None]
-        h = self.model.prefill(tokens, mask, pos, slice(slot, slot + 1))
-        job.prefilled = end
-        if end == len(job.piece.tokens):
-            self.stepper.start_row(slot, h[0], end, job.temperature, job.topk, job.seed)
-            if job.new_slot:
-                self.codec.streamer.reset_streaming(self._row_mask([slot]))
-                job.new_slot = False
+    def _prefill_chunk(self, occupant: Occupant, budget: int) -> int:
+        piece, slot, dev = occupant.piece, occupant.slot, self.device
+        if occupant.prefilled == 0 and piece.prefix is not None:
+            self.model.backbone.write_cache(slot, piece.prefix.kv)
+            occupant.prefilled = piece.prefix.positions
+        start = occupant.prefilled
+        end = min(len(piece.tokens), start + budget)
+        h = self.model.prefill(piece.tokens[start:end].to(dev)[None],
+                               piece.mask[start:end].to(dev)[None],
+                               torch.arange(start, end, device=dev)[None], slice(slot, slot + 1))
+        occupant.prefilled = end
+        if not occupant.prefilling:
+            job = occupant.job
+            self.stepper.start(slot, h[0], end, piece.max_frames, job.temperature, job.topk,
+                               noise_key(job.seed, occupant.piece_index))
         return end - start
 
-    def _collect(self, running: list[Job], steps: int, bucket: int) -> None:
-        """The block's one sync: trim each job at its end frame or limit, decode, hand out."""
+    def _collect(self, running: list[Occupant], steps: int, bucket: int) -> None:
+        """The block's one sync: keep each row's valid frames, decode them, hand them out,
+        and move on the rows whose piece ended."""
         block = self.hist[:steps, :bucket].to("cpu", copy=True)  # hist is reused next block
-        valid: dict[int, int] = {}
-        ended: dict[int, str] = {}
-        for job in running:
-            frames = block[:, job.slot]
-            limit = min(steps, job.piece.max_frames - job.frames_done)
-            zero = frames[:limit].eq(0).all(dim=1).nonzero()
-            if not job.stop_at_end_frame:
-                zero = zero[:0]
-            n = int(zero[0]) if len(zero) else limit
-            valid[job.slot] = n
-            job.codes.append(frames[:n].t())
-            job.frames_done += n
-            if len(zero):
-                ended[job.slot] = "end_of_speech"
-            elif job.frames_done == job.piece.max_frames:
-                ended[job.slot] = "max_length"
-        audio = self._decode(valid, steps)
-        for job in running:
-            if valid[job.slot]:
-                job.on_audio(audio[job.slot], job.codes[-1])
-            if job.slot in ended:
-                self._end_piece(job, ended[job.slot])
+        taken = {o.slot: o.take(block[:, o.slot]) for o in running}
+        audio = self._decode({slot: n for slot, (n, _) in taken.items()}, steps)
+        for occupant in running:
+            n, ended = taken[occupant.slot]
+            if occupant.job.done:  # failed by the watchdog while this block ran
+                continue
+            if n:
+                ok, _ = self._guarded(occupant, occupant.job.on_audio, audio[occupant.slot],
+                                      occupant.codes[-1])
+                if not ok:
+                    continue
+            if ended is not None:
+                self._end_piece(occupant, ended)
 
     def _decode(self, valid: dict[int, int], steps: int) -> dict[int, Tensor]:
         """Mimi's streaming decode, one frame at a time, only for rows with a valid frame."""
         mimi = self.codec.streamer
+        counts = self._per_row(valid)  # one host->device copy per block, not per frame
         pieces: dict[int, list[Tensor]] = {slot: [] for slot in valid}
-        for s in range(steps):
-            rows = [slot for slot, n in valid.items() if s < n]
-            if not rows:
-                break
-            mimi.set_exec_mask(self._row_mask(rows))
-            codes = self.codec.valid_codes(self.hist[s])[:, :, None]
-            pcm = mimi.decode(codes)[:, 0].float()
-            for slot in rows:
-                pieces[slot].append(pcm[slot])
+        for s in range(max(valid.values(), default=0)):
+            mimi.set_exec_mask(counts > s)
+            pcm = mimi.decode(self.codec.valid_codes(self.hist[s])[:, :, None])[:, 0].float()
+            for slot, n in valid.items():
+                if s < n:
+                    pieces[slot].append(pcm[slot])
         return {slot: torch.cat(p) if p else torch.zeros(0, device=self.device)
                 for slot, p in pieces.items()}
 
-    def _end_piece(self, job: Job, reason: str) -> None:
-        codes = torch.cat(job.codes, dim=1) if job.codes else torch.zeros(
-            self.model.cfg.num_codebooks, 0, dtype=torch.long)
-        try:
-            nxt = job.next_piece(codes, reason)
-        except Exception as e:  # noqa: BLE001
-            self._release(job, e)
+    def _end_piece(self, occupant: Occupant, reason: str) -> None:
+        codes = torch.cat(occupant.codes, dim=1)
+        ok, piece = self._guarded(occupant, occupant.job.next_piece, codes, reason)
+        if not ok:
             return
-        if nxt is None:
-            self._release(job, None)
+        if piece is None:
+            self._vacate(occupant, None)
             return
-        self.stepper.park_row(job.slot)
-        job.piece, job.prefilled, job.frames_done, job.codes = nxt, 0, 0, []
-        job.piece_index += 1
+        self.stepper.park(occupant.slot)
+        occupant.next(piece)
 
-    def _release(self, job: Job, error: BaseException | None) -> None:
-        self.stepper.park_row(job.slot)
-        self.slots[job.slot] = None
-        job.on_done(error)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for job in self.slots:
-            if job is not None:
-                self._release(job, error)
-
-    def _row_mask(self, rows: list[int]) -> Tensor:
-        mask = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
-        mask[rows] = True
-        return mask
+    def _per_row(self, counts: dict[int, int]) -> Tensor:
+        """[max_batch] on the device: each row's count, 0 for rows not named."""
+        row = torch.zeros(self.max_batch, dtype=torch.long)
+        for slot, n in counts.items():
+            row[slot] = n
+        return row.to(self.device)

@@ -67,7 +67,7 @@ def request(voice, seed=0, ms=1200, text="Hello there.", **kw):
 def test_engine_draws_the_plain_loops_codes(engine, plain_model, voice):
     for seed, topk, temperature in [(0, 50, 0.9), (7, 1, 1.0), (123, 5, 1.5)]:
         req = request(voice, seed=seed, topk=topk, temperature=temperature, ms=960)
-        piece = engine.piece(req.context, [], req.utterances[0])
+        piece = engine.conversation(req.context).piece(req.utterances[0])
         expected = plain_generate(plain_model, piece.tokens, piece.mask, piece.max_frames,
                                   temperature, topk, seed)
         got = engine.generate(req).codes
@@ -135,12 +135,16 @@ def test_prompt_too_long_is_refused_before_any_work(engine, voice):
 def test_history_is_dropped_oldest_first_to_fit_the_window(engine):
     """Utterance 3 with a context leaving room for about one earlier utterance."""
     codes = torch.zeros(32, 300, dtype=torch.long)
-    history = [(Utterance(0, f"turn {i}", 800), codes) for i in range(3)]
-    piece = engine.piece((), history, Utterance(0, "now", 80_000))
+    conversation = engine.conversation(())
+    for i in range(3):
+        conversation.add(Utterance(0, f"turn {i}", 800), codes.clone())
+    piece = conversation.piece(Utterance(0, "now", 80_000))
     # 80 s leaves 2048 - 1000 = 1048 positions: 3 turns of ~305 positions each fit, a 4th not.
     assert 900 < len(piece.tokens) < 1048
-    piece_small = engine.piece((), history, Utterance(0, "now", 110_000))
+    piece_small = conversation.piece(Utterance(0, "now", 110_000))
     assert len(piece_small.tokens) < len(piece.tokens)  # older turns were dropped
+    # The newest turns are the ones kept: the prompt ends with turn 2's audio, then "now".
+    assert torch.equal(piece_small.tokens[-4], piece.tokens[-4])
 
 
 def test_multi_utterance_job_is_continuous_across_pieces(engine, voice):
@@ -248,7 +252,7 @@ def test_preset_prefix_is_copied_not_prefilled_and_changes_nothing(tiny_model_di
     plain = fresh.generate(request(voice, seed=8, ms=800)).codes
     cached = Engine.load(tiny_model_dir, device="cpu", max_batch=2)
     cached.register_prefix(voice)
-    piece = cached.piece((voice,), [], Utterance(0, "Hello there.", 800))
+    piece = cached.conversation((voice,)).piece(Utterance(0, "Hello there.", 800))
     assert piece.prefix is not None and piece.prefix.positions == voice.codes.shape[1] + 1 + len(
         cached.tokenizer.encode_turn(0, voice.text))
     calls = []
