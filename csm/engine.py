@@ -31,12 +31,14 @@ from .codec import SAMPLE_RATE, MimiCodec
 from .conversation import FRAME_MS, Conversation, PromptTooLongError, Utterance
 from .model import CSM
 from .prompt import Segment, build_prompt
-from .scheduler import STALL_TIMEOUT_S, DeviceFaultError, Job, Piece, Prefix, Scheduler
+from .scheduler import (STALL_TIMEOUT_S, DeviceFaultError, Job, Piece, Prefix, Scheduler,
+                        is_device_fault)
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
 __all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "Generation",
-           "GenerationRequest", "GenerationResult", "PromptTooLongError", "Utterance"]
+           "GenerationRequest", "GenerationResult", "PromptTooLongError", "Utterance",
+           "is_device_fault"]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,47 @@ def test_silent_audio(worker, loop):
 def test_empty_audio(worker, loop):
     refused(worker, loop, job(ctx(audio_b64(0.0, 24_000))), "context[0].audio_base64",
             "empty")
+
+
+def test_a_one_sample_clip_is_too_short_not_silent(worker, loop):
+    one_sample = b64(audio_file(1 / 24_000, 24_000, amplitude=0.5))
+    err = refused(worker, loop, job(ctx(one_sample)), "context[0].audio_base64",
+                  "0.04 ms long", "the minimum is 80 ms")
+    assert "silent" not in err
+
+
+def test_unreadable_audio_error_carries_no_python_repr(worker, loop):
+    err = refused(worker, loop, job(ctx(b64(b"RIFF but not a wave file" * 30))),
+                  "context[0].audio_base64", "not a readable audio file")
+    assert "0x" not in err and "<" not in err and "BytesIO" not in err
+
+
+def test_mp3_context_is_accepted_as_the_readme_and_errors_say(worker, loop):
+    from worker.audio_io import READABLE_FORMATS
+
+    clip = audio_b64(1.0, 44_100, 1, "MP3", subtype="MPEG_LAYER_III")
+    r = good(worker, loop, {"text": "From an MP3.", "max_audio_length_ms": 160, "seed": 2,
+                            "context": [ctx(clip)]})
+    check_length(r, 160)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "MP3" in READABLE_FORMATS and READABLE_FORMATS in readme
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("\u0000\u0000", "control character U+0000"),
+    ("Hello\u0007 there", "control character U+0007"),
+    ("... !!! ???", "nothing to speak"),
+    ("\U0001F600\U0001F600", "nothing to speak"),
+])
+def test_text_with_nothing_speakable_is_refused(worker, loop, text, needle):
+    refused(worker, loop, {"text": text}, "text", needle)
+    refused(worker, loop, {"turns": [{"text": "Fine.", "speaker": 0},
+                                     {"text": text, "speaker": 1}]}, "turns[1].text", needle)
+
+
+def test_line_breaks_and_tabs_are_fine(worker, loop):
+    r = good(worker, loop, {"text": "Line one.\r\n\tLine two.", "max_audio_length_ms": 160})
+    check_length(r, 160)
 
 
 def test_context_seconds_add_up_over_turns(worker, loop):

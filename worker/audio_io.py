@@ -1,6 +1,6 @@
 """Audio in and out of the worker: base64 files <-> mono float tensors, with soundfile.
 
-Reading accepts anything libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3...) at any rate,
+Reading accepts what libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3) at any rate,
 mono or stereo. Writing produces the `response_format` the caller asked for.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 
 import numpy as np
 import soundfile as sf
@@ -28,6 +29,11 @@ MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
                "opus": "audio/ogg; codecs=opus", "mp3": "audio/mpeg",
                "pcm": "audio/L16; rate=24000; channels=1"}
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference clip holds no voice to clone
+# One Mimi frame: anything shorter can't even be encoded as audio.
+MIN_REFERENCE_SECONDS = 0.08
+# What libsndfile (bundled with soundfile) reads; the README lists the same.
+READABLE_FORMATS = "WAV, FLAC, OGG (Vorbis or Opus) or MP3"
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class AudioInputError(ValueError):
@@ -52,10 +58,17 @@ def read_audio(field: str, raw: bytes) -> tuple[Tensor, int]:
     try:
         data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise AudioInputError(f"{field}: not a readable audio file (WAV, FLAC or OGG "
-                              f"expected): {e}") from None
+        # libsndfile's messages name the in-memory file by its Python repr: not for callers.
+        detail = getattr(e, "error_string", None) or _OBJECT_REPR.sub("the audio", str(e))
+        raise AudioInputError(f"{field}: not a readable audio file ({READABLE_FORMATS} "
+                              f"expected): {detail}") from None
     if data.shape[0] == 0:
         raise AudioInputError(f"{field}: the audio is empty")
+    if data.shape[0] < MIN_REFERENCE_SECONDS * rate:
+        raise AudioInputError(
+            f"{field}: the audio is {1000 * data.shape[0] / rate:.2f} ms long; the minimum is "
+            f"{1000 * MIN_REFERENCE_SECONDS:g} ms (one Mimi frame), and cloning a voice "
+            "takes a few seconds of speech")
     mono = data.mean(axis=1)
     if not np.isfinite(mono).all():
         raise AudioInputError(f"{field}: the audio holds NaN or infinite samples")

@@ -6,6 +6,7 @@ Limits that an operator may change (text length, context size, audio length) are
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat,
@@ -34,16 +35,28 @@ class _Strict(BaseModel):
 Speaker = Annotated[StrictInt, Field(ge=0, le=MAX_SPEAKER)]
 
 
-def _encodable(v: str) -> str:
-    """JSON may carry lone surrogates ("\\ud800"): not text, and the tokenizer rejects them."""
+# Line breaks and tabs are ordinary in pasted text (\r too, from Windows line ends).
+_ALLOWED_CONTROLS = "\n\r\t"
+
+
+def _speakable(v: str) -> str:
+    """Text the model can speak: valid Unicode, no control characters, and at least one
+    letter or digit (CSM would otherwise make seconds of noise out of nothing)."""
     try:
         v.encode("utf-8")
-    except UnicodeEncodeError:
+    except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800")
         raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    control = next((c for c in v if unicodedata.category(c) == "Cc"
+                    and c not in _ALLOWED_CONTROLS), None)
+    if control is not None:
+        raise ValueError(f"holds the control character U+{ord(control):04X}; only line "
+                         "breaks and tabs are allowed")
+    if v.strip() and not any(unicodedata.category(c)[0] in "LN" for c in v):
+        raise ValueError("has nothing to speak (no letter or digit)")
     return v
 
 
-Text = Annotated[StrictStr, AfterValidator(_encodable)]
+Text = Annotated[StrictStr, AfterValidator(_speakable)]
 
 
 class DialogueTurn(_Strict):

@@ -20,8 +20,8 @@ import soundfile as sf
 import torch
 
 from csm.codec import SAMPLE_RATE
-from csm.engine import (AudioBlock, Engine, Generation, GenerationRequest, PromptTooLongError,
-                        Utterance)
+from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, GenerationRequest,
+                        PromptTooLongError, Utterance, is_device_fault)
 from csm.presets import PRESETS
 from csm.prompt import Segment
 from csm.text_split import split_text
@@ -51,7 +51,8 @@ class Worker:
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
         engine = Engine.load(settings.model_dir, device=settings.device,
-                             max_batch=settings.max_concurrency)
+                             max_batch=settings.max_concurrency,
+                             stall_timeout_s=settings.stall_timeout_s)
         started = time.perf_counter()
         presets = {}
         for name, preset in PRESETS.items():
@@ -84,11 +85,8 @@ class Worker:
             if isinstance(request, VerifyRequest):
                 yield await asyncio.to_thread(self.verify, request)
                 return
-            plan = await asyncio.to_thread(self.plan, request)
             events: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            generation = self.engine.start(
-                plan, deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            generation = await self.start_generation(request, events)
             try:
                 if request.stream and allow_stream:
                     async for item in stream_items(self, request, generation, events):
@@ -102,6 +100,26 @@ class Worker:
             yield {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - a job must never take the worker down
             yield self.failure(e)
+
+    async def start_generation(self, request: GenerateRequest,
+                               events: asyncio.Queue) -> Generation:
+        """Plan the job and queue it, in a thread: decoding reference audio, Mimi-encoding it
+        and tokenising a long text must not hold up other jobs' streams on the event loop."""
+        loop = asyncio.get_running_loop()
+
+        def deliver(event: object) -> None:
+            if not loop.is_closed():  # a job outliving its event loop has no one to tell
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        started = asyncio.ensure_future(asyncio.to_thread(
+            lambda: self.engine.start(self.plan(request), deliver)))
+        try:
+            return await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # Cut off while the job was being queued: cancel it once it exists.
+            started.add_done_callback(
+                lambda f: f.exception() is None and f.result().cancel())
+            raise
 
     async def run_to_completion(self, payload: Any) -> dict[str, Any]:
         """The whole response at once (streamed requests too): for `--test_input`."""
@@ -117,11 +135,14 @@ class Worker:
 
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
+        if isinstance(error, DeviceFaultError):
+            return {"error": f"{error}; this worker restarts, retry the job",
+                    "refresh_worker": True}
         if isinstance(error, torch.cuda.OutOfMemoryError):
             log.error("out of GPU memory: %s", error)
             return {"error": "the GPU ran out of memory on this job; retry it, or ask for "
                              "shorter audio or context", "refresh_worker": True}
-        if isinstance(error, RuntimeError) and "cuda" in str(error).lower():
+        if is_device_fault(error):
             log.error("CUDA failure: %s", error)
             return {"error": "a GPU fault ended this job; the worker restarts, retry it",
                     "refresh_worker": True}

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from csm.scheduler import STALL_TIMEOUT_S
 from csm.watermark import CSM_PUBLIC_KEY, parse_key
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Settings:
     log_level: str
     max_concurrency: int
     device: str | None
+    stall_timeout_s: float
 
 
 _LIMIT_ENV = {f.name: f"CSM_{f.name.upper()}" for f in fields(Limits)}
@@ -88,6 +90,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         log_level=level,
         max_concurrency=int(_number(env, "CSM_MAX_CONCURRENCY", 8, int)),
         device=env.get("CSM_DEVICE") or None,
+        stall_timeout_s=_number(env, "CSM_STALL_TIMEOUT_S", STALL_TIMEOUT_S, float),
     )
 
 
