@@ -31,12 +31,12 @@ from .codec import SAMPLE_RATE, MimiCodec
 from .conversation import FRAME_MS, Conversation, PromptTooLongError, Utterance
 from .model import CSM
 from .prompt import Segment, build_prompt
-from .scheduler import (STALL_TIMEOUT_S, DeviceFaultError, Job, Piece, Prefix, Scheduler,
-                        is_device_fault)
+from .scheduler import (STALL_TIMEOUT_S, DeviceFaultError, EngineClosedError, Job, Piece,
+                        Prefix, Scheduler, is_device_fault)
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
-__all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "Generation",
+__all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "EngineClosedError", "Generation",
            "GenerationRequest", "GenerationResult", "PromptTooLongError", "Utterance",
            "is_device_fault"]
 
@@ -254,6 +254,8 @@ class Engine:
     def start(self, request: GenerationRequest,
               deliver: Callable[[object], None] | None = None) -> Generation:
         """Build the job's prompts (PromptTooLongError if one can't fit) and queue it."""
+        if self.scheduler is None:
+            raise EngineClosedError("the engine is closed")
         generation = Generation(self, request, deliver)
         self.scheduler.submit(generation.job)
         return generation
