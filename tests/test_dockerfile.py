@@ -87,11 +87,24 @@ def test_python_dependencies_are_installed_as_the_readme_says() -> None:
     assert "pip install --no-cache-dir --no-deps -r requirements-nodeps.txt" in runs
 
 
+def local_imports(path: Path) -> set[str]:
+    """Top-level names a file imports that are folders or modules of this repository."""
+    names = re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", path.read_text(), re.M)
+    return {n for n in names if (ROOT / n).is_dir() or (ROOT / f"{n}.py").exists()}
+
+
 def test_the_image_holds_every_local_module_the_handler_imports() -> None:
-    imported = re.findall(r"^(?:from|import)\s+([A-Za-z_]\w*)", (ROOT / "handler.py").read_text(), re.M)
-    local = {name for name in imported if (ROOT / name).is_dir() or (ROOT / f"{name}.py").exists()}
-    copied = {shlex.split(args)[0].rstrip("/") for kind, args in instructions() if kind == "COPY"}
-    assert local and local <= copied, local - copied
+    """handler.py's own imports and theirs, transitively (worker imports csm, ...)."""
+    needed, todo = set(), [ROOT / "handler.py"]
+    while todo:
+        for name in local_imports(todo.pop()) - needed:
+            needed.add(name)
+            todo += list((ROOT / name).rglob("*.py")) if (ROOT / name).is_dir() else [
+                ROOT / f"{name}.py"]
+    copied = {source.split("/")[0] for kind, args in instructions() if kind == "COPY"
+              for source in [w for w in shlex.split(args) if not w.startswith("--")][:-1]}
+    assert {"worker", "csm"} <= needed
+    assert needed <= copied, needed - copied
 
 
 @pytest.mark.parametrize("later", [("COPY", "csm/"), ("COPY", "worker/"), ("COPY", "handler.py")])

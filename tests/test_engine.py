@@ -158,12 +158,13 @@ def test_multi_utterance_job_is_continuous_across_pieces(engine, voice):
 
 
 def test_cancel_frees_the_slot(engine, voice):
-    generation = engine.start(request(voice, seed=1, ms=8000))
+    generation = engine.start(request(voice, seed=1, ms=8000))  # 100 frames if left alone
     blocks = generation.blocks()
     next(blocks)
     generation.cancel()
-    rest = list(blocks)
-    assert len(rest) < 8000 // 80 // CHECK_EVERY
+    frames = sum(block.codes.shape[1] for block in blocks)
+    # Blocks the loop made before it saw the flag may still arrive, but far from all 100.
+    assert frames < 50, frames
     deadline = time.time() + 10
     while engine.scheduler.active_jobs and time.time() < deadline:
         time.sleep(0.05)
