@@ -149,7 +149,9 @@ class Scheduler:
         model.setup_caches(max_batch)
         self.stepper = FrameStepper(model, max_batch, model.cfg.backbone.max_seq_len - 1,
                                     use_graphs)
-        self.hist = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
+        # The codes of every row for each step of the current block, on the device.
+        # Every row's codes for each step of the current block, on the device.
+        self.block_codes = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
                                 dtype=torch.long, device=self.device)
         self.slots: list[Occupant | None] = [None] * max_batch
         self.pending: deque[Job] = deque()
@@ -271,7 +273,7 @@ class Scheduler:
         bucket = self.stepper.bucket(max(o.slot for o in running) + 1)
         steps = min(CHECK_EVERY, max(o.frames_left for o in running))
         for s in range(steps):
-            self.hist[s, :bucket].copy_(self.stepper.step(bucket))
+            self.block_codes[s, :bucket].copy_(self.stepper.step(bucket))
         self._collect(running, steps, bucket)
 
     def _drop_cancelled(self) -> None:
@@ -368,7 +370,7 @@ class Scheduler:
     def _collect(self, running: list[Occupant], steps: int, bucket: int) -> None:
         """The block's one sync: keep each row's valid frames, decode them, hand them out,
         and move on the rows whose piece ended."""
-        block = self.hist[:steps, :bucket].to("cpu", copy=True)  # hist is reused next block
+        block = self.block_codes[:steps, :bucket].to("cpu", copy=True)  # reused next block
         taken = {o.slot: o.take(block[:, o.slot]) for o in running}
         audio = self._decode({slot: n for slot, (n, _) in taken.items()}, steps)
         for occupant in running:
@@ -390,7 +392,8 @@ class Scheduler:
         pieces: dict[int, list[Tensor]] = {slot: [] for slot in valid}
         for s in range(max(valid.values(), default=0)):
             mimi.set_exec_mask(counts > s)
-            pcm = mimi.decode(self.codec.valid_codes(self.hist[s])[:, :, None])[:, 0].float()
+            codes = self.codec.valid_codes(self.block_codes[s])[:, :, None]
+            pcm = mimi.decode(codes)[:, 0].float()
             for slot, n in valid.items():
                 if s < n:
                     pieces[slot].append(pcm[slot])

@@ -7,7 +7,7 @@ sinc); we use soxr (its high-quality setting), because the streamed path needs a
 resampler that gives the same samples however the audio is cut into chunks, and soxr has one
 (`ResampleStream`) while torchaudio has none. The SilentCipher core agrees with stock
 silentcipher to ~1e-7, but after the two resampling round trips our marked audio differs from
-CSM's by about 1.6e-2 (max absolute, on full-scale test audio): the same key at the same
+CSM's by about 1.6e-2 (as measured in the review that raised it): the same key at the same
 strength, not the same samples. It also works around the installed silentcipher 1.0.5
 package: it loads only from a local folder (never the hub), serialises all calls into the
 package's process-wide STFT object, and keeps its BatchNorm layers from rewriting their
