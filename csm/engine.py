@@ -36,9 +36,9 @@ from .scheduler import (STALL_TIMEOUT_S, DeviceFaultError, EngineClosedError, Jo
 from .text_tokenizer import TextTokenizer
 from .watermark import Watermarker
 
-__all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "EngineClosedError", "Generation",
-           "GenerationRequest", "GenerationResult", "PromptTooLongError", "Utterance",
-           "is_device_fault"]
+__all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "EngineClosedError",
+           "Generation", "GenerationRequest", "GenerationResult", "PromptTooLongError",
+           "Utterance", "is_device_fault"]
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,8 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - the job is over either way
             log.exception("a job's on_done callback raised")
 
-    def _guarded(self, occupant: Occupant, callback: Callable, *args: object) -> tuple[bool, object]:
+    def _guarded(self, occupant: Occupant, callback: Callable,
+                 *args: object) -> tuple[bool, object]:
         """Run one of a job's callbacks: (True, its result), or (False, None) after what it
         raised ended that job. A device fault still propagates: it is everyone's."""
         try:
