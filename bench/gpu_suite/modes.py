@@ -40,5 +40,5 @@ MODES = {
                 concurrency=(1, 8, 32, 64), job_ms=2000, threads=None),
     "cpu": Mode(name="cpu", device="cpu", shapes=("tiny",), main_shapes="tiny",
                 graphs=False, speed_dtype="float32", frames=12, reps=1,
-                concurrency=(1, 4), job_ms=480, threads=1),
+                concurrency=(1, 4), job_ms=320, threads=1),
 }

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The whole GPU run must finish under 8 minutes on one H100.
+# The whole GPU run must finish under 8 minutes on one H100. The CPU mode's limits only guard
+# against a hang: a CI machine shared with other jobs can be several times slower than idle.
 GPU_RUN_LIMIT_S = 480.0
 # What the runner allows beyond the limits: stopping a process that overran (runner.py).
 STOP_GRACE_S = 5.0
@@ -33,21 +34,21 @@ class Part:
 
 
 PARTS: dict[str, Part] = {part.name: part for part in (
-    Part("models", "bench.gpu_suite.models:run", {"gpu": 75, "cpu": 25},
+    Part("models", "bench.gpu_suite.models:run", {"gpu": 75, "cpu": 45},
          "random-weight model folders (tiny, csm-1b) in the real on-disk formats"),
-    Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 90, "cpu": 30},
+    Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 90, "cpu": 90},
          "CUDA-graph replay against the eager step with jobs joining and leaving (fp32: same "
          "codes, tiny and csm-1b shapes); bf16 against fp32 (first differing frame, logits)"),
-    Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 30, "cpu": 15},
+    Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 30, "cpu": 45},
          "Mimi's graphed streaming decode with exec_mask against the eager and whole-clip "
          "decodes; batched rows against solo rows"),
-    Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 80, "cpu": 40},
+    Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 80, "cpu": 150},
          "the worker end to end: whole and streamed jobs, 8 at once, a cancelled job, a "
          "raising consumer, the window edge, watermarking, verify_watermark timing"),
-    Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 105, "cpu": 20},
+    Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 105, "cpu": 75},
          "our engine: batch-1 frames/s and real-time factor, time to first audio, "
          "concurrency sweep, peak memory, start-up breakdown"),
-    Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 20},
+    Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),
     Part("transformers_compiled", "bench.gpu_suite.speed:transformers_compiled",
