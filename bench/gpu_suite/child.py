@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--spawned-at", type=float, default=time.time())
-    parser.add_argument("--limit", type=float, default=float("inf"))
+    parser.add_argument("--limit", type=float, default=3600.0,
+                        help="seconds after --spawned-at at which the runner stops this process")
     args = parser.parse_args()
     mode = MODES[args.mode]
     if mode.threads:

@@ -31,9 +31,10 @@ from .context import Context
 
 CONCURRENCY = 8
 LONG_MS = 90_000  # the abandoned jobs: far longer than anything else here
-# The window-edge job's context: this much text, then enough reference audio to bring the
-# prompt to about EDGE_POSITIONS of the 2048 (a few dozen frames left to draw).
-EDGE_TEXT_CHARS = 4000
+# The window-edge job's context: about EDGE_TEXT_POSITIONS of text (cheap to prefill), then
+# reference audio (12.5 positions a second) up to about EDGE_POSITIONS of the 2048, which
+# leaves a few dozen frames to draw.
+EDGE_TEXT_POSITIONS = 1500
 EDGE_POSITIONS = 2015
 EDGE_MAX_CONTEXT_S = 170
 FORMATS = [("wav", False), ("flac", False), ("ogg", False), ("pcm", False),
@@ -99,10 +100,11 @@ def reference_audio(seconds: float) -> str:
 
 
 def edge_context(folder: Path) -> dict[str, Any]:
-    """A context turn that fills about EDGE_POSITIONS of the window (text is cheap to prefill;
-    the audio makes up the rest at 12.5 positions a second)."""
-    text = " ".join([TEXT] * (EDGE_TEXT_CHARS // (len(TEXT) + 1)))
-    positions = len(TextTokenizer(folder / "tokenizer.json").encode_turn(0, text))
+    """A context turn that fills about EDGE_POSITIONS of the window."""
+    tokenizer = TextTokenizer(folder / "tokenizer.json")
+    per_sentence = len(tokenizer.encode_turn(0, TEXT)) - 2  # without begin/end of text
+    text = " ".join([TEXT] * (EDGE_TEXT_POSITIONS // per_sentence))
+    positions = len(tokenizer.encode_turn(0, text))
     seconds = min(EDGE_MAX_CONTEXT_S, max(1.0, (EDGE_POSITIONS - positions) / 12.5))
     return {"text": text, "speaker": 0, "audio_base64": reference_audio(seconds)}
 
