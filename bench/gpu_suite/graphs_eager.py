@@ -134,11 +134,12 @@ def run_scenario(engine: Engine, timeout_s: float) -> ScenarioRun:
         began = time.perf_counter()
         start(SCRIPT[0])
         deadline = time.monotonic() + timeout_s
-        unfinished = [n for n, e in done.items() if not e.wait(max(0.0, deadline - time.monotonic()))]
+        unfinished = [n for n, event in done.items()
+                      if not event.wait(max(0.0, deadline - time.monotonic()))]
         seconds = time.perf_counter() - began
     if errors or unfinished:
-        raise RuntimeError(f"scenario: errors {errors}; jobs not finished after {timeout_s:.0f} s: "
-                           f"{unfinished}")
+        raise RuntimeError(f"scenario: errors {errors}; jobs not finished after "
+                           f"{timeout_s:.0f} s: {unfinished}")
     return ScenarioRun({n: torch.cat(c, dim=1) for n, c in codes.items()}, list(buckets),
                        seconds)
 
@@ -245,7 +246,7 @@ def bf16_against_fp32(ctx: Context, shapes: str, fp32: ScenarioRun) -> None:
         bf16 = run_scenario(engine, ctx.remaining_s)
     check_schedule(ctx, f"{shapes} bf16", bf16)
     ctx.check(f"{shapes} bf16: the same buckets as fp32", bf16.buckets == fp32.buckets)
-    longest = max((job for job in SCRIPT if job.cancel_after is None), key=lambda j: j.frames)
+    longest = max((j for j in SCRIPT if j.cancel_after is None), key=lambda j: j.frames)
     ctx.step(f"{shapes} bf16: teacher-forced logits against fp32")
     text = longest.request(0).text
     logits = {dtype: codebook0_logits(folder, ctx.device, dtype, text, fp32.codes[longest.name])

@@ -7,10 +7,10 @@ while the others run.
 
 To add a part, write `run(ctx: Context) -> None` (context.py: `ctx.model_dir`, `ctx.record`,
 `ctx.check`, `ctx.step`) and add one line below with a limit per mode. The GPU limits of the
-default parts, plus STOP_GRACE_S each, must stay under GPU_RUN_LIMIT_S (a test checks it): give a new part
-time by taking it from another. The frame loop's randomized "chaos" scenario (a seeded mix of
-jobs joining, leaving, cancelling and failing) is meant to become one:
-`Part("chaos", "csm.testing.chaos:suite_part", {"gpu": 45, "cpu": 10}, "...")`.
+default parts, plus STOP_GRACE_S each, must stay under GPU_RUN_LIMIT_S (a test checks it):
+give a new part time by taking it from another. The frame loop's randomized "chaos" scenario
+(a seeded mix of jobs joining, leaving, cancelling and failing) is meant to become one:
+`Part("chaos", "csm.testing.chaos:suite_part", {"gpu": 45, "cpu": 30}, "...")`.
 """
 
 from __future__ import annotations
