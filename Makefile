@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/csm-1b
 
-.PHONY: setup test run serve tiny bench weights image deploy-dry-run
+.PHONY: setup test run serve tiny bench weights image deploy-dry-run gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,16 @@ serve: setup
 # A model folder with random weights (noise, not speech) for trying the worker without the real model.
 tiny: setup
 	$(PY) -m csm.testing make-tiny models/tiny-random
+
+# Everything only a GPU shows, in one command (BENCHMARKS.md, "The GPU suite"): csm-1b shapes
+# on a CUDA machine, under 8 minutes on one H100; GPU_SUITE_FLAGS=--cpu runs the CPU mode. No
+# `setup` here: a lent GPU machine may have its own torch and no registry (PYTHON=python3,
+# with the project's other wheels on PYTHONPATH).
+PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_SUITE_OUT ?= gpu-suite-report
+GPU_SUITE_FLAGS ?=
+gpu-check:
+	$(PYTHON) -m bench.gpu_suite --out $(GPU_SUITE_OUT) $(GPU_SUITE_FLAGS)
 
 # The real model folder (gated: accept the license at https://huggingface.co/sesame/csm-1b and
 # export HF_TOKEN), with the CSM weights converted to bfloat16 as in the image.

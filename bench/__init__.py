@@ -1,1 +1,2 @@
-"""Benchmarks: python -m bench.run (speed), python -m bench.gpu_check (graphs vs eager on a GPU)."""
+"""Benchmarks: python -m bench.run (speed against transformers), python -m bench.gpu_suite
+(everything only a GPU shows, with a CPU mode for CI)."""

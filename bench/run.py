@@ -3,6 +3,9 @@
     python -m bench.run                      # CPU: reduced shapes (see BENCHMARKS.md)
     python -m bench.run --shapes csm-1b --device cuda --frames 128 --concurrency 1,8,32,64
 
+On a GPU, `python -m bench.gpu_suite` runs these measurements at csm-1b shapes together with
+the checks only a GPU shows (see BENCHMARKS.md).
+
 Both sides get the same weights, the same text prompt and the same number of frames (the
 end-frame stop is off, so runs are comparable). Each measurement is repeated after a warm-up;
 the median and the spread (min..max) are reported. Our engine is timed end to end including
@@ -13,6 +16,7 @@ streaming decode), which favours it. The weights are random: the audio is noise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import resource
 import statistics
@@ -22,10 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from csm.config import CSM_1B, TINY, CSMConfig, LlamaConfig
 from csm.engine import Engine, GenerationRequest
-from csm.testing.tiny import make_tiny, random_model, to_transformers_format
+from csm.testing.tiny import make_tiny, to_transformers_format
+from csm.text_tokenizer import TextTokenizer
+from worker.service import Worker
+from worker.settings import load_settings
 
 MID = replace(
     CSM_1B,
@@ -69,8 +77,24 @@ def ours(engine: Engine, frames: int, reps: int) -> dict:
             "first_audio_ms": stats(first_audio)}
 
 
-def transformers_side(cfg: CSMConfig, state: dict, engine: Engine, device: torch.device,
-                      dtype: torch.dtype, frames: int, reps: int) -> dict:
+def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The original-format weights of a model folder (what our engine loads), on the CPU."""
+    return load_file(str(folder / "model.safetensors"))
+
+
+def prompt_ids(folder: Path) -> list[int]:
+    """The benchmark's text prompt, tokenised as our engine tokenises it."""
+    return TextTokenizer(folder / "tokenizer.json").encode_turn(0, TEXT)
+
+
+def transformers_side(cfg: CSMConfig, state: dict, ids: list[int], device: torch.device,
+                      dtype: torch.dtype, frames: int, reps: int,
+                      compile_forward: bool = False) -> dict:
+    """transformers' `generate` with a static cache on the same weights and prompt.
+
+    `compile_forward=False` keeps transformers from torch.compile-ing its forward pass, which
+    it does on its own on CUDA with a static cache (minutes of compilation at csm-1b shapes).
+    """
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -79,17 +103,23 @@ def transformers_side(cfg: CSMConfig, state: dict, engine: Engine, device: torch
     hf_logging.set_verbosity_error()
     hf_config = config_to_hf(cfg)
     hf_config["depth_decoder_config"]["backbone_hidden_size"] = cfg.backbone.dim
-    model = CsmForConditionalGeneration(CsmConfig(**hf_config)).eval()
+    with torch.device(device):  # random init on the device: seconds instead of minutes at 1B
+        model = CsmForConditionalGeneration(CsmConfig(**hf_config)).eval()
     missing = model.load_state_dict(to_transformers_format(state, cfg), strict=False).missing_keys
     assert all(k.startswith("codec_model.") for k in missing), missing
-    model = model.to(device=device, dtype=dtype)
-    ids = torch.tensor([engine.tokenizer.encode_turn(0, TEXT)], device=device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=frames,
-                  do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
-                  depth_decoder_temperature=0.9, depth_decoder_top_k=50,
-                  cache_implementation="static")
+    model = model.to(dtype=dtype)
+    input_ids = torch.tensor([ids], device=device)
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                  max_new_tokens=frames, do_sample=True, temperature=0.9, top_k=50,
+                  depth_decoder_do_sample=True, depth_decoder_temperature=0.9,
+                  depth_decoder_top_k=50, cache_implementation="static",
+                  disable_compile=not compile_forward)
     with torch.inference_mode():
-        model.generate(**kwargs)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        model.generate(**kwargs)  # warm-up (and compilation, if any)
+        sync(device)
+        warm_up_s = time.perf_counter() - start
         fps, rtf = [], []
         for rep in range(reps):
             torch.manual_seed(rep)
@@ -101,62 +131,73 @@ def transformers_side(cfg: CSMConfig, state: dict, engine: Engine, device: torch
             assert out.shape[1] == frames, f"transformers stopped after {out.shape[1]} frames"
             fps.append(frames / seconds)
             rtf.append(seconds / (frames * 0.08))
-    return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf)}
+    return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf),
+            "warm_up_s": warm_up_s, "compiled": compile_forward,
+            "peak_memory_mb": peak_memory_mb(device)}
 
 
-def worker_stream(folder: Path, device: torch.device, frames: int, reps: int) -> dict:
+async def worker_stream(worker: Worker, frames: int, reps: int, voice: str = "none") -> dict:
     """Time to the first streamed chunk through the worker (watermarked), against the same
     request answered whole."""
-    import asyncio
+    payload = {"text": TEXT, "voice": voice, "max_audio_length_ms": frames * 80}
 
-    from worker.service import Worker
-    from worker.settings import load_settings
-
-    worker = Worker.start(load_settings({"CSM_MODEL_DIR": str(folder), "CSM_DEVICE": str(device),
-                                         "CSM_MAX_CONCURRENCY": "1", "CSM_LOG_LEVEL": "ERROR"}))
-    payload = {"text": TEXT, "voice": "none", "max_audio_length_ms": frames * 80}
-
-    async def first_and_last(stream: bool) -> tuple[float, float]:
+    async def first_and_last(stream: bool, seed: int) -> tuple[float, float]:
         start, first = time.perf_counter(), None
-        async for _ in worker.run(dict(payload, seed=len(first_ms), stream=stream)):
+        async for item in worker.run(dict(payload, seed=seed, stream=stream)):
+            assert "error" not in item, item
             first = first or time.perf_counter() - start
         return 1000 * first, 1000 * (time.perf_counter() - start)
 
     first_ms, whole_ms = [], []
-    asyncio.run(first_and_last(True))  # warm-up
-    for _ in range(reps):
-        first_ms.append(asyncio.run(first_and_last(True))[0])
-        whole_ms.append(asyncio.run(first_and_last(False))[1])
+    await first_and_last(True, 0)  # warm-up
+    for rep in range(reps):
+        first_ms.append((await first_and_last(True, rep))[0])
+        whole_ms.append((await first_and_last(False, rep))[1])
     return {"stream_first_chunk_ms": stats(first_ms), "whole_response_ms": stats(whole_ms),
             "first_chunk_over_whole": statistics.median(first_ms) / statistics.median(whole_ms)}
 
 
-def concurrency_sweep(engine: Engine, frames: int, levels: list[int]) -> list[dict]:
-    """Aggregate throughput of n jobs at once against the same n jobs one after another."""
+def concurrency_sweep(engine: Engine, frames: int, levels: list[int],
+                      sequential: bool = True) -> list[dict]:
+    """Aggregate throughput of n jobs at once, and (with `sequential`) of the same n jobs one
+    after another."""
     rows = []
     for n in levels:
         reqs = [GenerationRequest(text=f"{TEXT} ({i})", max_audio_length_ms=frames * 80,
                                   seed=i, stop_at_end_frame=False) for i in range(n)]
-        start = time.perf_counter()
-        for r in reqs:
-            engine.generate(r)
-        sequential = time.perf_counter() - start
+        row: dict = {"jobs": n}
+        if sequential:
+            start = time.perf_counter()
+            for r in reqs:
+                engine.generate(r)
+            seconds = time.perf_counter() - start
+            row["sequential_frames_per_s"] = n * frames / seconds
         start = time.perf_counter()
         generations = [engine.start(r) for r in reqs]
         results = [engine.finish(g, list(g.blocks())) for g in generations]
         together = time.perf_counter() - start
-        rows.append({
-            "jobs": n,
+        assert all(r.frames == frames for r in results), [r.frames for r in results]
+        row.update({
             "aggregate_frames_per_s": n * frames / together,
-            "sequential_frames_per_s": n * frames / sequential,
-            "speedup_vs_sequential": sequential / together,
             "per_stream_real_time_factor": statistics.median(
                 r.timings_ms["generate_ms"] / 1000 / (frames * 0.08) for r in results),
             "first_audio_ms_median": statistics.median(
                 r.timings_ms["first_audio_ms"] for r in results),
             "peak_memory_mb": peak_memory_mb(engine.device),
         })
+        if sequential:
+            row["speedup_vs_sequential"] = (row["aggregate_frames_per_s"]
+                                            / row["sequential_frames_per_s"])
+        rows.append(row)
     return rows
+
+
+def start_worker(folder: Path, device: torch.device | str, concurrency: int,
+                 **env: str) -> Worker:
+    """The worker as RunPod starts it, on a model folder (extra settings as CSM_* values)."""
+    return Worker.start(load_settings({
+        "CSM_MODEL_DIR": str(folder), "CSM_DEVICE": str(device),
+        "CSM_MAX_CONCURRENCY": str(concurrency), "CSM_LOG_LEVEL": "ERROR", **env}))
 
 
 def main() -> None:
@@ -184,21 +225,22 @@ def main() -> None:
         report["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny(Path(tmp), cfg=cfg, full_size_mimi=args.shapes == "csm-1b")
-        state = {k: v for k, v in random_model(cfg).state_dict().items()}
         start = time.perf_counter()
-        engine = Engine.load(folder, device=device, max_batch=max(levels))
-        sync(device)
-        report["startup_ms"] = {k: round(v, 1) for k, v in engine.startup_ms.items()}
-        report["startup_ms"]["total"] = round(1000 * (time.perf_counter() - start), 1)
-        report["ours"] = ours(engine, args.frames, args.reps)
+        with Engine.load(folder, device=device, max_batch=max(levels)) as engine:
+            sync(device)
+            report["startup_ms"] = {k: round(v, 1) for k, v in engine.startup_ms.items()}
+            report["startup_ms"]["total"] = round(1000 * (time.perf_counter() - start), 1)
+            report["ours"] = ours(engine, args.frames, args.reps)
+            report["concurrency"] = concurrency_sweep(engine, args.frames, levels)
         if not args.skip_transformers:
-            report["transformers"] = transformers_side(cfg, state, engine, device, dtype,
+            report["transformers"] = transformers_side(cfg, folder_weights(folder),
+                                                       prompt_ids(folder), device, dtype,
                                                        args.frames, args.reps)
             report["fps_ratio_vs_transformers"] = (
                 report["ours"]["frames_per_s"]["median"]
                 / report["transformers"]["frames_per_s"]["median"])
-        report["concurrency"] = concurrency_sweep(engine, args.frames, levels)
-        report["worker_stream"] = worker_stream(folder, device, args.frames, args.reps)
+        report["worker_stream"] = asyncio.run(
+            worker_stream(start_worker(folder, device, 1), args.frames, args.reps))
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

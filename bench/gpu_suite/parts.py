@@ -1,0 +1,62 @@
+"""The suite's parts, in the order they run: name -> function, time limits, what it shows.
+
+Each part runs in its own process (runner.py) under its time limit, so a stuck CUDA call
+costs that part, never the suite. Functions are named "module:function" and imported in that
+process, so a part whose module needs a missing package reports "not run: missing module"
+while the others run.
+
+To add a part, write `run(ctx: Context) -> None` (context.py: `ctx.model_dir`, `ctx.record`,
+`ctx.check`, `ctx.step`) and add one line below with a limit per mode. The GPU limits of the
+default parts, plus STOP_GRACE_S each, must stay under GPU_RUN_LIMIT_S (a test checks it):
+give a new part time by taking it from another. The frame loop's randomized "chaos" scenario
+(a seeded mix of jobs joining, leaving, cancelling and failing) is meant to become one:
+`Part("chaos", "csm.testing.chaos:suite_part", {"gpu": 45, "cpu": 30}, "...")`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The whole GPU run must finish under 8 minutes on one H100. The CPU mode's limits only guard
+# against a hang: a CI machine shared with other jobs can be several times slower than idle.
+GPU_RUN_LIMIT_S = 480.0
+# What the runner allows beyond the limits: stopping a process that overran (runner.py).
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    function: str  # "module:function", imported in the part's own process
+    limit_s: dict[str, float]  # mode name -> seconds
+    about: str
+    in_default_run: bool = True  # False: only when named with --parts
+
+
+PARTS: dict[str, Part] = {part.name: part for part in (
+    Part("models", "bench.gpu_suite.models:run", {"gpu": 75, "cpu": 45},
+         "random-weight model folders (tiny, csm-1b) in the real on-disk formats"),
+    Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 90, "cpu": 90},
+         "CUDA-graph replay against the eager step with jobs joining and leaving (fp32: same "
+         "codes, tiny and csm-1b shapes); bf16 against fp32 (first differing frame, logits)"),
+    Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 30, "cpu": 45},
+         "Mimi's graphed streaming decode with exec_mask against the eager and whole-clip "
+         "decodes; batched rows against solo rows"),
+    Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 80, "cpu": 150},
+         "the worker end to end: whole and streamed jobs, 8 at once, a cancelled job, a "
+         "raising consumer, the window edge, watermarking, verify_watermark timing"),
+    Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 105, "cpu": 75},
+         "our engine: batch-1 frames/s and real-time factor, time to first audio, "
+         "concurrency sweep, peak memory, start-up breakdown"),
+    Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
+         "transformers' CsmForConditionalGeneration on the same weights (static cache, "
+         "not compiled)"),
+    Part("transformers_compiled", "bench.gpu_suite.speed:transformers_compiled",
+         {"gpu": 420, "cpu": 120},
+         "transformers with its own torch.compile of the forward pass (slow to compile: run "
+         "it on its own with --parts transformers_compiled)", in_default_run=False),
+)}
+
+
+def default_parts() -> list[Part]:
+    return [part for part in PARTS.values() if part.in_default_run]

@@ -1,0 +1,61 @@
+"""Parts `speed`, `transformers` and `transformers_compiled`: the issue's speed figures for
+our engine and for transformers' CSM on the same device and the same weights (the `models`
+folder), in the same run, with bench/run.py's measurements. The report divides one by the
+other. The weights are random: these are speed figures only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from csm.engine import Engine
+
+from .. import run as bench
+from .context import Context
+
+
+def ours(ctx: Context) -> None:
+    mode, device = ctx.mode, ctx.device
+    ctx.record(shapes=mode.main_shapes, dtype=mode.speed_dtype, frames=mode.frames,
+               reps=mode.reps, graphs=mode.graphs)
+    ctx.step("Engine.load")
+    start = time.perf_counter()
+    with Engine.load(ctx.model_dir(mode.main_shapes), device=device, dtype=ctx.dtype,
+                     max_batch=max(mode.concurrency), use_graphs=mode.graphs) as engine:
+        bench.sync(device)
+        ctx.record(startup_ms=dict(engine.startup_ms,
+                                   total=1000 * (time.perf_counter() - start)))
+        ctx.step("batch 1")
+        ctx.record(batch1=bench.ours(engine, mode.frames, mode.reps))
+        rows: list[dict] = []
+        for jobs in mode.concurrency:
+            ctx.step(f"{jobs} concurrent jobs")
+            rows += bench.concurrency_sweep(engine, mode.frames, [jobs], sequential=False)
+            ctx.record(concurrency=rows)
+    figures = [ctx.result["measurements"]["batch1"]["frames_per_s"]["median"],
+               *(r["aggregate_frames_per_s"] for r in rows)]
+    ctx.check("every figure is positive and finite",
+              all(math.isfinite(f) and f > 0 for f in figures), figures)
+
+
+def _transformers(ctx: Context, compile_forward: bool) -> None:
+    mode = ctx.mode
+    folder = ctx.model_dir(mode.main_shapes)
+    ctx.step("transformers: building the model and generating" if not compile_forward else
+             "transformers: building, compiling and generating")
+    result = bench.transformers_side(bench.SHAPES[mode.main_shapes], bench.folder_weights(folder),
+                                     bench.prompt_ids(folder), ctx.device, ctx.dtype,
+                                     mode.frames, mode.reps, compile_forward=compile_forward)
+    ctx.record(shapes=mode.main_shapes, dtype=mode.speed_dtype, frames=mode.frames, **result)
+    ctx.check("frames/s is positive and finite",
+              math.isfinite(result["frames_per_s"]["median"])
+              and result["frames_per_s"]["median"] > 0, result["frames_per_s"])
+
+
+def transformers(ctx: Context) -> None:
+    _transformers(ctx, compile_forward=False)
+
+
+def transformers_compiled(ctx: Context) -> None:
+    _transformers(ctx, compile_forward=True)

@@ -1,0 +1,189 @@
+"""Part `worker`: the worker end to end on the device, through `Worker.start` and `run` only.
+
+As RunPod drives it (one asyncio loop, up to 8 jobs at once), on the mode's main shapes:
+time to the first streamed chunk with a preset voice; a whole and a streamed job, both
+watermarked; `verify_watermark` and its time; 8 jobs at once; a streamed job whose caller
+hangs up after the first chunk (cancelled) and one whose consumer raises, while others run;
+8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
+audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
+window and one a frame past it (refused, naming the field). The weights are random: the
+watermark detector's answer is timed, not judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from csm.text_tokenizer import TextTokenizer
+from worker.service import Worker
+
+from ..run import TEXT, start_worker, worker_stream
+from .context import Context
+
+CONCURRENCY = 8
+LONG_MS = 90_000  # the abandoned jobs: far longer than anything else here
+# The window-edge job's context: about EDGE_TEXT_POSITIONS of text (cheap to prefill), then
+# reference audio (12.5 positions a second) up to about EDGE_POSITIONS of the 2048, which
+# leaves a few dozen frames to draw.
+EDGE_TEXT_POSITIONS = 1500
+EDGE_POSITIONS = 2015
+EDGE_MAX_CONTEXT_S = 170
+FORMATS = [("wav", False), ("flac", False), ("ogg", False), ("pcm", False),
+           ("pcm", True), ("wav", True), ("ogg", True), ("opus", True)]
+
+
+async def collect(worker: Worker, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item async for item in worker.run(payload)]
+
+
+def job(ctx: Context, seed: int, **fields: Any) -> dict[str, Any]:
+    return {"text": TEXT, "seed": seed, "max_audio_length_ms": ctx.mode.job_ms, **fields}
+
+
+def complete(ctx: Context, items: list[dict[str, Any]], stream: bool) -> bool:
+    """A job answered in full: one response, or chunks ending in the final summary."""
+    last = items[-1]
+    shape = (all("chunk_index" in i for i in items) and last["final"] is True if stream
+             else len(items) == 1 and "audio_base64" in last)
+    return (shape and "error" not in last and last["watermarked"] is True
+            and last["duration_ms"] == ctx.mode.job_ms)
+
+
+async def eight_at_once(ctx: Context, worker: Worker, seed: int) -> tuple[float, list[bool]]:
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(
+        collect(worker, job(ctx, seed + i, response_format=fmt, stream=stream))
+        for i, (fmt, stream) in enumerate(FORMATS)))
+    return (time.perf_counter() - start,
+            [complete(ctx, a, stream) for a, (_, stream) in zip(answers, FORMATS)])
+
+
+async def abandoned(ctx: Context, worker: Worker) -> None:
+    """A cancelled stream and a raising consumer, with two ordinary jobs running beside."""
+    cancelled = worker.run(job(ctx, 20, stream=True, max_audio_length_ms=LONG_MS))
+    first = await anext(cancelled)
+    await cancelled.aclose()  # the caller hangs up after the first chunk
+    ctx.check("a cancelled stream delivered its first chunk before hanging up",
+              first.get("chunk_index") == 0, {k: first.get(k) for k in ("chunk_index", "error")})
+
+    class ConsumerError(Exception):
+        pass
+
+    async def raising_consumer() -> None:
+        async for _ in worker.run(job(ctx, 21, stream=True, max_audio_length_ms=LONG_MS)):
+            raise ConsumerError("the consumer failed on the first chunk")
+
+    raised, whole, streamed = await asyncio.gather(
+        raising_consumer(), collect(worker, job(ctx, 22)),
+        collect(worker, job(ctx, 23, stream=True)), return_exceptions=True)
+    ctx.check("a raising consumer: its error stays its own, jobs beside it complete",
+              isinstance(raised, ConsumerError) and not isinstance(whole, BaseException)
+              and not isinstance(streamed, BaseException) and complete(ctx, whole, False)
+              and complete(ctx, streamed, True), repr(raised))
+
+
+def reference_audio(seconds: float) -> str:
+    """A FLAC tone (audible, compressible), base64: a long reference turn."""
+    t = np.arange(int(seconds * 24_000)) / 24_000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24_000, format="FLAC")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def edge_context(folder: Path) -> dict[str, Any]:
+    """A context turn that fills about EDGE_POSITIONS of the window."""
+    tokenizer = TextTokenizer(folder / "tokenizer.json")
+    per_sentence = len(tokenizer.encode_turn(0, TEXT)) - 2  # without begin/end of text
+    text = " ".join([TEXT] * (EDGE_TEXT_POSITIONS // per_sentence))
+    positions = len(tokenizer.encode_turn(0, text))
+    seconds = min(EDGE_MAX_CONTEXT_S, max(1.0, (EDGE_POSITIONS - positions) / 12.5))
+    return {"text": text, "speaker": 0, "audio_base64": reference_audio(seconds)}
+
+
+async def window_edge(ctx: Context, worker: Worker) -> None:
+    """The longest audio the window allows after a long context, and one frame more. The
+    refusal of a too-long request says how many positions the prompt takes."""
+    request = {"text": "Edge.", "voice": "none", "seed": 30,
+               "context": [edge_context(ctx.model_dir(ctx.mode.main_shapes))]}
+    probe = (await collect(worker, dict(request, max_audio_length_ms=LONG_MS)))[-1]
+    found = re.search(r"takes (\d+) positions.* of the model's (\d+)", probe.get("error", ""))
+    if not ctx.check("the window's refusal says how many positions the prompt takes",
+                     found is not None, probe):
+        return
+    positions, window = int(found[1]), int(found[2])
+    frames = window - 1 - positions  # the prompt must stay under window - frames
+    edge = (await collect(worker, dict(request, max_audio_length_ms=frames * 80)))[-1]
+    over = (await collect(worker, dict(request, max_audio_length_ms=(frames + 1) * 80)))[-1]
+    ctx.record(window_edge={"prompt_positions": positions, "frames": frames,
+                            "last_position": positions + edge.get("frames", 0) - 1})
+    ctx.check("at the window's edge: the job draws every frame up to its last position",
+              0 < frames and edge.get("frames") == frames and "error" not in edge,
+              {k: edge.get(k) for k in ("frames", "stop_reason", "error")})
+    ctx.check("one frame past the edge: refused, naming max_audio_length_ms",
+              "max_audio_length_ms" in over.get("error", ""), over.get("error"))
+
+
+async def scenario(ctx: Context, worker: Worker) -> None:
+    ctx.step("time to the first streamed chunk, preset voice")
+    ctx.record(stream=await worker_stream(worker, ctx.mode.job_ms // 80, ctx.mode.reps,
+                                          voice="conversational_a"))
+    ctx.step("a whole and a streamed job")
+    whole = await collect(worker, job(ctx, 1))
+    streamed = await collect(worker, job(ctx, 1, stream=True, response_format="pcm"))
+    ctx.check("a whole job: one watermarked response of the asked length",
+              complete(ctx, whole, False), whole[-1].get("error"))
+    ctx.check("a streamed job: chunks, then the final summary, watermarked",
+              complete(ctx, streamed, True), streamed[-1].get("error"))
+    pcm_samples = sum(len(base64.b64decode(c["audio_base64"])) // 2 for c in streamed)
+    ctx.check("the streamed chunks add up to the summary's duration",
+              pcm_samples == ctx.mode.job_ms * 24, pcm_samples)
+    ctx.record(whole_timings=whole[-1].get("timings"))
+    ctx.step("verify_watermark")
+    start = time.perf_counter()
+    verdict = (await collect(worker, {"task": "verify_watermark",
+                                      "audio_base64": whole[-1]["audio_base64"]}))[-1]
+    ctx.record(verify_watermark={"ms": 1000 * (time.perf_counter() - start),
+                                 "audio_ms": ctx.mode.job_ms,
+                                 "watermarked": verdict.get("watermarked")})
+    ctx.check("verify_watermark answers true or false",
+              isinstance(verdict.get("watermarked"), bool), verdict)
+    ctx.step("8 jobs at once")
+    before_s, done = await eight_at_once(ctx, worker, 100)
+    ctx.check("8 jobs at once (whole and streamed, every format) all complete", all(done), done)
+    ctx.step("a cancelled stream and a raising consumer")
+    await abandoned(ctx, worker)
+    ctx.step("8 jobs at once, after the abandoned ones")
+    after_s, done = await eight_at_once(ctx, worker, 200)
+    ctx.record(eight_at_once_s={"before": before_s, "after_abandoned_jobs": after_s})
+    ctx.check("8 at once again: all complete, without waiting for abandoned jobs' slots",
+              all(done) and after_s <= 3 * before_s + 1, {"before_s": before_s,
+                                                           "after_s": after_s})
+    ctx.step("the window's edge")
+    await window_edge(ctx, worker)
+    ctx.step("a last job")
+    last = await collect(worker, job(ctx, 2))
+    ctx.check("the worker still answers", complete(ctx, last, False), last[-1].get("error"))
+
+
+def run(ctx: Context) -> None:
+    ctx.step("Worker.start")
+    start = time.perf_counter()
+    worker = start_worker(ctx.model_dir(ctx.mode.main_shapes), ctx.device, CONCURRENCY,
+                          CSM_WATERMARK_KEY="17,29,113,200,5",
+                          CSM_MAX_CONTEXT_SECONDS=str(EDGE_MAX_CONTEXT_S),
+                          CSM_MAX_REFERENCE_BYTES=str(16 * 2**20))
+    ctx.record(ready_after_process_start_s=time.time() - ctx.spawned_at,
+               worker_start_s=time.perf_counter() - start)
+    asyncio.run(scenario(ctx, worker))
+    # Where start-up went (weights, codec, watermark, graphs, presets, warm-up): the engine's
+    # account, which Worker.start completes.
+    ctx.record(startup_ms=worker.engine.startup_ms)

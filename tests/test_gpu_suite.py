@@ -1,0 +1,120 @@
+"""The GPU suite (`python -m bench.gpu_suite`): its CPU mode end to end, as CI runs it so that
+the suite cannot rot; a part over its time limit; the GPU run's time budget.
+
+The CPU mode runs every part at tiny shapes with RANDOM weights (noise, never speech): the
+checks are the suite's own (codes, audio, responses), the figures only have to be sane here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.gpu_suite.parts import GPU_RUN_LIMIT_S, PARTS, STOP_GRACE_S, default_parts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def suite(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--cpu", "--out", str(out),
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=590)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("gpu-suite")
+    run = suite(out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+def positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def test_cpu_mode_runs_every_part_and_each_passes_its_checks(cpu_run):
+    report, _ = cpu_run
+    assert report["mode"] == "cpu" and report["passed"] is True
+    assert report["command"].startswith("python -m bench.gpu_suite --cpu --out ")
+    assert report["environment"]["torch"] == torch.__version__
+    assert list(report["parts"]) == [p.name for p in default_parts()]
+    for name, part in report["parts"].items():
+        assert part["status"] == "passed", (name, part.get("reason"), part.get("log_tail"))
+        assert 0 < part["elapsed_s"] <= part["limit_s"] == PARTS[name].limit_s["cpu"]
+        assert all(check["ok"] for check in part["checks"]), part["checks"]
+        assert positive(part["peak_memory_mb"])
+    checks = {name: len(part["checks"]) for name, part in report["parts"].items()}
+    assert checks == {"models": 0, "graphs_eager": 8, "mimi": 3, "worker": 12, "speed": 1,
+                      "transformers": 1}, checks
+
+
+def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
+    parts = {name: part["measurements"] for name, part in cpu_run[0]["parts"].items()}
+    graphs = parts["graphs_eager"]
+    assert graphs["tiny_fp32"]["frames_stepped"] == 28 and graphs["tiny_fp32"]["graphs"] is False
+    logits = graphs["tiny_bf16"]["codebook0_logits_vs_fp32"]
+    assert logits["job"] == "a" and logits["frames"] == 28
+    assert 0 < logits["relative_error_median"] <= logits["relative_error_max"] < 0.05
+    assert set(graphs["tiny_bf16"]["first_differing_frame_vs_fp32"]) == set("abcdefghi")
+    # On the CPU Mimi's streaming decode matches to float rounding.
+    assert all(v < 1e-5 for v in parts["mimi"]["max_relative_difference"].values())
+    worker = parts["worker"]
+    assert worker["window_edge"]["last_position"] == 2046  # the window's last free position
+    assert positive(worker["stream"]["stream_first_chunk_ms"]["median"])
+    assert positive(worker["verify_watermark"]["ms"])
+    assert {"weights", "codec", "watermark", "presets", "warm_up"} <= set(worker["startup_ms"])
+    assert 0 < worker["worker_start_s"] < worker["ready_after_process_start_s"]
+    speed = parts["speed"]
+    assert positive(speed["batch1"]["frames_per_s"]["median"])
+    assert positive(speed["batch1"]["real_time_factor"]["median"])
+    assert [row["jobs"] for row in speed["concurrency"]] == [1, 4]
+    assert {"weights", "codec", "watermark", "caches_and_graphs", "total"} <= set(
+        speed["startup_ms"])
+    assert positive(parts["transformers"]["frames_per_s"]["median"])
+    assert parts["transformers"]["compiled"] is False
+
+
+def test_report_has_the_header_the_parts_and_the_targets(cpu_run):
+    report, md = cpu_run
+    targets = report["targets"]
+    assert len(targets) == 5
+    assert all(t["met"] in (True, False) and "not measured" not in t["measured"]
+               for t in targets), targets
+    for line in ("# GPU suite report", f"- Command: `{report['command']}`",
+                 "| part | status | time (s) | limit (s) | notes |", "## Targets (cpu mode)",
+                 "| real-time factor, batch 1 | <= 0.06 |"):
+        assert line in md, line
+    for name in report["parts"]:
+        assert f"| {name} | passed |" in md
+    assert f"torch {torch.__version__}" in md
+
+
+def test_a_part_over_its_limit_is_stopped_and_reported_as_timed_out(tmp_path):
+    start = time.monotonic()
+    run = suite(tmp_path, "--parts", "models,mimi", "--limit", "models=0.5")
+    elapsed = time.monotonic() - start
+    assert run.returncode == 1, run.stdout + run.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    models, mimi = report["parts"]["models"], report["parts"]["mimi"]
+    assert models["status"] == "timed out", models
+    assert "still running at its 0.5 s limit" in models["reason"]
+    assert models["reason"].endswith("stopped")
+    assert models["elapsed_s"] < 0.5 + STOP_GRACE_S
+    # The next part still runs, and says why it could not do its work.
+    assert mimi["status"] == "not run" and "`models` part did not finish" in mimi["reason"]
+    assert report["targets"][0]["measured"] == "not measured (speed: not in this run)"
+    md = (tmp_path / "report.md").read_text()
+    assert "| models | timed out |" in md and "| mimi | not run |" in md
+    assert elapsed < 60
+
+
+def test_the_default_gpu_run_fits_in_eight_minutes_with_every_part_stopped_late():
+    assert sum(p.limit_s["gpu"] + STOP_GRACE_S for p in default_parts()) <= GPU_RUN_LIMIT_S
+    assert all(set(p.limit_s) == {"gpu", "cpu"} for p in PARTS.values())
