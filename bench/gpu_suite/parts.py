@@ -8,9 +8,7 @@ while the others run.
 To add a part, write `run(ctx: Context) -> None` (context.py: `ctx.model_dir`, `ctx.record`,
 `ctx.check`, `ctx.step`) and add one line below with a limit per mode. The GPU limits of the
 default parts, plus STOP_GRACE_S each, must stay under GPU_RUN_LIMIT_S (a test checks it):
-give a new part time by taking it from another. The frame loop's randomized "chaos" scenario
-(a seeded mix of jobs joining, leaving, cancelling and failing) is meant to become one:
-`Part("chaos", "csm.testing.chaos:suite_part", {"gpu": 45, "cpu": 30}, "...")`.
+give a new part time by taking it from another.
 """
 
 from __future__ import annotations
@@ -36,16 +34,19 @@ class Part:
 PARTS: dict[str, Part] = {part.name: part for part in (
     Part("models", "bench.gpu_suite.models:run", {"gpu": 75, "cpu": 45},
          "random-weight model folders (tiny, csm-1b) in the real on-disk formats"),
-    Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 90, "cpu": 90},
+    Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 75, "cpu": 90},
          "CUDA-graph replay against the eager step with jobs joining and leaving (fp32: same "
          "codes, tiny and csm-1b shapes); bf16 against fp32 (first differing frame, logits)"),
     Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 30, "cpu": 45},
          "Mimi's graphed streaming decode with exec_mask against the eager and whole-clip "
          "decodes; batched rows against solo rows"),
-    Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 80, "cpu": 150},
+    Part("chaos", "bench.gpu_suite.chaos:run", {"gpu": 40, "cpu": 90},
+         "the frame loop's seeded random mix of jobs (window edge, pieces, cancels at every "
+         "stage, raising consumers): every job ends, batched codes equal solo codes"),
+    Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 70, "cpu": 150},
          "the worker end to end: whole and streamed jobs, 8 at once, a cancelled job, a "
          "raising consumer, the window edge, watermarking, verify_watermark timing"),
-    Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 105, "cpu": 75},
+    Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 95, "cpu": 75},
          "our engine: batch-1 frames/s and real-time factor, time to first audio, "
          "concurrency sweep, peak memory, start-up breakdown"),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
