@@ -378,3 +378,22 @@ def test_bad_log_level_is_refused():
 
 def test_empty_limit_means_default():
     assert load_settings({"CSM_MAX_TEXT_CHARS": ""}).limits.max_text_chars == 5000
+
+
+# ---- voices a worker serves, and listing them ------------------------------------------------
+def test_voice_is_checked_against_the_workers_voices():
+    voices = ("alice", "conversational_a", "none")
+    assert parse_request({"text": "Hi.", "voice": "alice"}, LIMITS, voices).voice == "alice"
+    with pytest.raises(RequestError) as info:
+        parse_request({"text": "Hi.", "voice": "conversational_b"}, LIMITS, voices)
+    assert str(info.value) == ("voice: must be one of 'alice', 'conversational_a', 'none', "
+                               "got 'conversational_b'")
+    refused({"text": "Hi.", "voice": "alice"}, "voice", "got 'alice'")  # not a built-in voice
+
+
+def test_list_voices_takes_no_other_field():
+    from worker.schema import ListVoicesRequest
+
+    assert isinstance(ok({"task": "list_voices"}), ListVoicesRequest)
+    refused({"task": "list_voices", "text": "Hi."}, "text: unknown field")
+    refused({"task": "translate"}, "'generate', 'verify_watermark', 'list_voices'")
