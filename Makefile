@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/csm-1b
 
-.PHONY: setup test run serve tiny bench weights image deploy-dry-run gpu-check
+.PHONY: setup test run serve tiny bench weights image image-slim deploy-dry-run gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,7 @@ test: setup
 run: setup
 	CSM_MODEL_DIR=$(MODEL_DIR) $(PY) -u handler.py
 
+# Without a model folder it downloads one first when HF_TOKEN is set, else says how to get one.
 serve: setup
 	CSM_MODEL_DIR=$(MODEL_DIR) $(PY) -u handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
 
@@ -44,12 +45,18 @@ gpu-check:
 weights: setup
 	$(PY) -m builder.fetch_weights --dest $(MODEL_DIR) --dtype bfloat16
 
-# The worker image, weights baked in. HF_TOKEN goes in as a BuildKit secret, never a build arg.
-# BUILD_FLAGS=--push (with IMAGE=registry/name:tag) publishes instead of loading locally.
+# The worker image, weights baked in (fails without HF_TOKEN, which goes in as a BuildKit secret,
+# never a build arg). BUILD_FLAGS=--push (with IMAGE=registry/name:tag) publishes instead of
+# loading locally. `make image-slim`: the same Dockerfile without the gated CSM weights (no token
+# needed); the worker then takes them from a RunPod cached model, a volume or a download at start.
 IMAGE ?= csm-runpod-worker:dev
+SLIM_IMAGE ?= csm-runpod-worker:dev-slim
 BUILD_FLAGS ?= --load
 image:
-	docker buildx build --secret id=HF_TOKEN,env=HF_TOKEN -t $(IMAGE) $(BUILD_FLAGS) .
+	docker buildx build --secret id=HF_TOKEN,env=HF_TOKEN --build-arg CSM_WEIGHTS=fetch -t $(IMAGE) $(BUILD_FLAGS) .
+
+image-slim:
+	docker buildx build --build-arg CSM_WEIGHTS=skip -t $(SLIM_IMAGE) $(BUILD_FLAGS) .
 
 # The RunPod template and endpoint runpod.yaml describes: shown, or created (needs RUNPOD_API_KEY).
 deploy-dry-run: setup

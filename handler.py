@@ -1,7 +1,8 @@
 """RunPod entry point: `python -u handler.py` (see the README for local modes).
 
-Thin on purpose: configuration, the model and the preset voices load once per worker, at
-start-up; each job goes to `worker.service.Worker`, which validates it and never raises.
+Thin on purpose: configuration, the model and the voices load once per worker, at start-up
+(`worker.startup`: a worker that can't start says why in one line and exits 1); each job goes
+to `worker.service.Worker`, which validates it and never raises.
 
 The SDK streams a generator handler's yields to `/stream` and, with
 `return_aggregate_stream`, returns their list from `/run` and `/runsync`; a non-streamed job
@@ -11,7 +12,6 @@ that local mode gets a plain function running the same job to completion.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -19,13 +19,9 @@ from typing import Any
 
 import runpod
 
-from worker.service import Worker
-from worker.settings import load_settings
+from worker.startup import start_or_exit
 
-settings = load_settings()
-logging.basicConfig(level=settings.log_level,
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-worker = Worker.start(settings)
+settings, worker = start_or_exit()
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

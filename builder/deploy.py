@@ -37,7 +37,8 @@ SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|_KEY)(_|$)")
 IMAGE_REFERENCE = re.compile(
     r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+"
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[a-f0-9]{64})$")
-REQUIRED_ENV = ("CSM_MODEL_DIR", "CSM_WATERMARK_KEY")
+# The model needs no variable: the worker finds it (worker/model_source.py).
+REQUIRED_ENV = ("CSM_WATERMARK_KEY",)
 
 
 def graphql_safe(value: str, what: str) -> str:

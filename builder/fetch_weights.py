@@ -2,9 +2,13 @@
 
     python -m builder.fetch_weights --dest DIR [--dtype float32|bfloat16] [--revision REV]
                                     [--repo OWNER/NAME] [--no-verify-sizes]
+                                    [--csm-weights fetch|skip|auto]
 
 The token comes from the environment: HF_TOKEN, or else the file named by HF_TOKEN_PATH (how the
-Docker build hands over its `HF_TOKEN` build secret). It is never printed.
+Docker build hands over its `HF_TOKEN` build secret). It is never printed. Only the CSM repo is
+gated: `--csm-weights skip` fetches the public parts (Mimi, SilentCipher) alone, as the slim
+image does, and `auto` fetches the CSM files only when a token is there.
+The free disk space is checked before anything is downloaded; an interrupted run resumes.
 Every failure ends with one line on stderr that says what to do, and exit status 1.
 """
 
@@ -18,6 +22,7 @@ import os
 import shutil
 import struct
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,9 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 WATERMARK_REPO = "sony/silentcipher"
 WATERMARK_DIR = "44_1_khz/73999_iteration"
 MODEL_FILE = "model.safetensors"
+# The parts of a model folder: the gated CSM repo's files, and the two public ones.
+CSM, CODEC, WATERMARK = "csm", "codec", "watermark"
+PARTS = (CSM, CODEC, WATERMARK)
 
 
 @dataclass(frozen=True)
@@ -50,13 +58,20 @@ class Remote:
     repo: str
     path: str
     dest: str
-    size: int | None = None  # bytes as published, where known
+    size: int | None = None  # bytes as published, where known (checked after the download)
+    approx: int = 0  # a size for the free-space check where the exact one is not known
+    part: str = CSM
+
+    @property
+    def expected_bytes(self) -> int:
+        return self.size if self.size is not None else self.approx
 
 
-def remotes(csm_repo: str = CSM_REPO) -> list[Remote]:
+def remotes(csm_repo: str = CSM_REPO, parts: Collection[str] = PARTS) -> list[Remote]:
     """The files of a model folder. Sizes are those of the published files (see csm-facts.md)."""
     watermark = [
-        Remote(WATERMARK_REPO, f"{WATERMARK_DIR}/{name}", f"silentcipher/{name}", size)
+        Remote(WATERMARK_REPO, f"{WATERMARK_DIR}/{name}", f"silentcipher/{name}", size,
+               part=WATERMARK)
         for name, size in (
             ("enc_c.ckpt", 184_765),
             ("dec_c.ckpt", 2_008_794),
@@ -64,15 +79,16 @@ def remotes(csm_repo: str = CSM_REPO) -> list[Remote]:
             ("hparams.yaml", None),
         )
     ]
-    return [
+    files = [
         Remote(csm_repo, "config.json", "config.json"),
         Remote(csm_repo, MODEL_FILE, MODEL_FILE, 6_211_186_784),
-        Remote(csm_repo, "tokenizer.json", "tokenizer.json"),
+        Remote(csm_repo, "tokenizer.json", "tokenizer.json", approx=17_300_000),
         Remote(csm_repo, "prompts/conversational_a.wav", "prompts/conversational_a.wav", 2_646_044),
         Remote(csm_repo, "prompts/conversational_b.wav", "prompts/conversational_b.wav", 2_646_044),
-        Remote(MIMI_REPO, MIMI_FILE, f"mimi/{MIMI_FILE}"),
+        Remote(MIMI_REPO, MIMI_FILE, f"mimi/{MIMI_FILE}", approx=385_000_000, part=CODEC),
         *watermark,
     ]
+    return [r for r in files if r.part in parts]
 
 
 class FetchError(Exception):
@@ -126,7 +142,7 @@ def disk_full_message(exc: OSError) -> str:
             "then 3.5 GB (bfloat16) or 6.6 GB (float32); free some space or choose another --dest")
 
 
-def download(remote: Remote, staging: Path, revision: str | None, token: str) -> Path:
+def download(remote: Remote, staging: Path, revision: str | None, token: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo_id=remote.repo, filename=remote.path, revision=revision,
                                     token=token, local_dir=staging / remote.repo))
@@ -202,17 +218,38 @@ def is_bf16(path: Path) -> bool:
         return all(f.get_slice(k).get_dtype() not in TO_BF16 for k in f.keys())
 
 
-def fetch(dest: Path, dtype: str, revision: str | None, csm_repo: str, check_sizes: bool) -> list[Path]:
+def bytes_needed(files: list[Remote], staging: Path, dtype: str) -> int:
+    """Disk the fetch still needs: what is left to download, plus the bfloat16 copy that
+    exists beside the float32 file while it is converted."""
+    have = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else 0
+    left = max(0, sum(r.expected_bytes for r in files) - have)
+    converting = sum(r.expected_bytes // 2 for r in files if r.dest == MODEL_FILE and dtype == "bfloat16")
+    return left + converting
+
+
+def check_free_space(dest: Path, files: list[Remote], staging: Path, dtype: str) -> None:
+    needed = bytes_needed(files, staging, dtype)
+    free = shutil.disk_usage(dest).free
+    if free < needed:
+        raise FetchError(
+            f"not enough free disk for the model folder in {dest}: about {needed / 1e9:.1f} GB "
+            f"more are needed and {free / 1e9:.1f} GB are free; free some space or choose another "
+            "--dest (nothing was downloaded)")
+
+
+def fetch(dest: Path, dtype: str, revision: str | None, csm_repo: str, check_sizes: bool,
+          parts: Collection[str] = PARTS) -> list[Path]:
     token = read_token()
-    if token is None:
+    if token is None and CSM in parts:
         raise FetchError(
             f"no Hugging Face token: {csm_repo} is gated. Accept its license at "
             f"https://huggingface.co/{csm_repo}, create a read token, and set HF_TOKEN "
             "(for `docker buildx build`: --secret id=HF_TOKEN,env=HF_TOKEN)")
-    files = remotes(csm_repo)
+    files = remotes(csm_repo, parts)
     # Downloads land in a staging folder inside dest (same filesystem, so moving is a rename);
     # an interrupted run leaves it behind and the next run resumes from it.
     staging = dest / ".download"
+    check_free_space(dest, files, staging, dtype)
     for number, remote in enumerate(files, 1):
         size = f" ({remote.size / 1e6:,.1f} MB)" if remote.size else ""
         print(f"[{number}/{len(files)}] {remote.repo}/{remote.path}{size}", flush=True)
@@ -227,7 +264,7 @@ def fetch(dest: Path, dtype: str, revision: str | None, csm_repo: str, check_siz
     shutil.rmtree(staging)
 
     model = dest / MODEL_FILE
-    if dtype == "bfloat16" and not is_bf16(model):
+    if CSM in parts and dtype == "bfloat16" and not is_bf16(model):
         print(f"converting {MODEL_FILE} to bfloat16 ...", flush=True)
         convert_to_bf16(model)
         if not is_bf16(model):
@@ -244,25 +281,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repo", default=CSM_REPO, help="the CSM repo, e.g. a fine-tune with the same files")
     parser.add_argument("--no-verify-sizes", action="store_true",
                         help="skip the published-size checks (fine-tunes); existence and headers are still checked")
+    parser.add_argument("--csm-weights", choices=("fetch", "skip", "auto"), default="fetch",
+                        help="the gated CSM files: fetch them (needs the token), skip them (Mimi and "
+                             "SilentCipher only: the slim image), or auto: fetch them when a token is set")
     return parser.parse_args(argv)
+
+
+def chosen_parts(csm_weights: str) -> tuple[str, ...]:
+    if csm_weights == "skip" or (csm_weights == "auto" and read_token() is None):
+        print("without the gated CSM files (--csm-weights "
+              f"{csm_weights}{', no HF_TOKEN' if csm_weights == 'auto' else ''}): Mimi and "
+              "SilentCipher only; the worker finds the CSM weights when it starts", flush=True)
+        return (CODEC, WATERMARK)
+    return PARTS
+
+
+def failure_message(exc: FetchError | OSError) -> str:
+    """One line for any failure of `fetch`: hub errors were explained in download(), what is
+    left comes from moving or converting files."""
+    if isinstance(exc, FetchError):
+        return str(exc)
+    return disk_full_message(exc) if exc.errno == errno.ENOSPC else f"{exc.strerror}: {exc.filename}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    parts = chosen_parts(args.csm_weights)
     try:
         args.dest.mkdir(parents=True, exist_ok=True)
-        placed = fetch(args.dest, args.dtype, args.revision, args.repo, not args.no_verify_sizes)
-    except FetchError as exc:
-        print(f"fetch_weights: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # moving or converting; hub errors were explained in download()
-        reason = disk_full_message(exc) if exc.errno == errno.ENOSPC else f"{exc.strerror}: {exc.filename}"
-        print(f"fetch_weights: error: {reason}", file=sys.stderr)
+        placed = fetch(args.dest, args.dtype, args.revision, args.repo, not args.no_verify_sizes, parts)
+    except (FetchError, OSError) as exc:
+        print(f"fetch_weights: error: {failure_message(exc)}", file=sys.stderr)
         return 1
     total = sum(p.stat().st_size for p in placed)
     for path in placed:
         print(f"  {path.stat().st_size:>14,}  {path.relative_to(args.dest)}")
-    print(f"model folder ready: {args.dest} ({total / 1e9:.2f} GB, weights in {args.dtype})")
+    what = f"weights in {args.dtype}" if CSM in parts else "Mimi and SilentCipher, no CSM weights"
+    print(f"model folder ready: {args.dest} ({total / 1e9:.2f} GB, {what})")
     return 0
 
 

@@ -143,12 +143,78 @@ def config_to_hf(c: CSMConfig) -> dict[str, Any]:
     }
 
 
+# The reference's model flavors (`backbone_flavor`, `decoder_flavor` in its config.json): the
+# Llama-3.2 shapes they name. Both use RoPE base 500000 with Llama-3 scaling (factor 32).
+FLAVORS: dict[str, dict[str, int]] = {
+    "llama-1B": dict(num_layers=16, dim=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+    "llama-100M": dict(num_layers=4, dim=1024, num_heads=8, num_kv_heads=2, intermediate_size=8192),
+}
+BACKBONE_POSITIONS = 2048
+
+
+def _flavor(d: dict[str, Any], key: str, max_seq_len: int) -> LlamaConfig:
+    name = d[key]
+    if name not in FLAVORS:
+        raise ValueError(f"unknown {key} {name!r}; known flavors: {', '.join(FLAVORS)}")
+    return LlamaConfig(**FLAVORS[name], max_seq_len=max_seq_len)
+
+
+def config_from_original(d: dict[str, Any]) -> CSMConfig:
+    """Read the reference's config.json: `{"backbone_flavor": "llama-1B", "decoder_flavor":
+    "llama-100M", "text_vocab_size": ..., "audio_vocab_size": ..., "audio_num_codebooks": ...}`."""
+    codebooks = d.get("audio_num_codebooks", 32)
+    return CSMConfig(
+        backbone=_flavor(d, "backbone_flavor", BACKBONE_POSITIONS),
+        # the depth decoder sees one position per codebook plus the backbone's state
+        decoder=_flavor(d, "decoder_flavor", codebooks + 1),
+        text_vocab_size=d.get("text_vocab_size", 128_256),
+        audio_vocab_size=d.get("audio_vocab_size", 2051),
+        num_codebooks=codebooks)
+
+
+def _shapes(c: CSMConfig) -> dict[str, int]:
+    """What both config forms spell out, by the key a reader would look for."""
+    out = {"text_vocab_size": c.text_vocab_size, "audio_vocab_size": c.audio_vocab_size,
+           "audio_num_codebooks": c.num_codebooks}
+    for part, lc in (("backbone", c.backbone), ("decoder", c.decoder)):
+        for name in ("num_layers", "dim", "num_heads", "num_kv_heads", "intermediate_size"):
+            out[f"{part}.{name}"] = getattr(lc, name)
+    return out
+
+
+def config_from_dict(d: dict[str, Any]) -> CSMConfig:
+    """Either form, or a file holding both (they must then describe the same shapes)."""
+    original = "backbone_flavor" in d or "decoder_flavor" in d
+    transformers = "depth_decoder_config" in d
+    if not (original or transformers):
+        raise ValueError("expected depth_decoder_config (transformers' form) or backbone_flavor "
+                         "and decoder_flavor (the reference's form)")
+    if not original:
+        return config_from_hf(d)
+    ref = config_from_original(d)
+    if not transformers:
+        return ref
+    hf = config_from_hf(d)
+    ours, theirs = _shapes(ref), _shapes(hf)
+    differ = [f"{k} {ours[k]} (flavors) vs {theirs[k]} (transformers keys)"
+              for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ValueError("its two forms disagree: " + "; ".join(differ))
+    return hf  # the same shapes; transformers' keys also carry RoPE and norm details
+
+
 def load_config(model_dir: Path) -> CSMConfig:
     """Shapes from `config.json` when the folder has one, else the real csm-1b."""
     path = Path(model_dir) / "config.json"
     if not path.exists():
         return CSM_1B
     try:
-        return config_from_hf(json.loads(path.read_text()))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    try:
+        return config_from_dict(data)
+    except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a CSM config.json ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

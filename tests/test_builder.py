@@ -7,7 +7,9 @@ The stand-in is a folder laid out like the three hub repos, filled from csm.test
 from __future__ import annotations
 
 import errno
+import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,9 +216,9 @@ def test_sizes_taken_from_the_standin_pass(hub: list[dict], standin: Path, tmp_p
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     real = fw.remotes
 
-    def standin_sizes(csm_repo: str = fw.CSM_REPO) -> list[fw.Remote]:
-        return [fw.Remote(r.repo, r.path, r.dest, (standin / r.repo / r.path).stat().st_size)
-                for r in real(csm_repo)]
+    def standin_sizes(csm_repo: str = fw.CSM_REPO, parts=fw.PARTS) -> list[fw.Remote]:
+        return [replace(r, size=(standin / r.repo / r.path).stat().st_size)
+                for r in real(csm_repo, parts)]
 
     monkeypatch.setattr(fw, "remotes", standin_sizes)
     assert fw.main(["--dest", str(tmp_path / "d")]) == 0
@@ -226,3 +228,52 @@ def test_mimi_names_match_moshi() -> None:
     from moshi.models import loaders
 
     assert (fw.MIMI_REPO, fw.MIMI_FILE) == (loaders.DEFAULT_REPO, loaders.MIMI_NAME)
+
+
+@pytest.mark.parametrize("mode", ["skip", "auto"])
+def test_slim_fetch_takes_only_the_public_parts_without_a_token(
+        hub: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
+        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    dest = tmp_path / "parts"
+    assert run(dest, "--dtype", "bfloat16", "--csm-weights", mode) == 0
+    assert {c["repo_id"] for c in hub} == {fw.MIMI_REPO, fw.WATERMARK_REPO}
+    assert {c["token"] for c in hub} == {None}
+    assert sorted(p.name for p in dest.iterdir()) == ["mimi", "silentcipher"]
+    assert "Mimi and SilentCipher, no CSM weights" in capsys.readouterr().out
+
+
+def test_auto_fetches_the_csm_files_when_a_token_is_set(hub: list[dict], tmp_path: Path) -> None:
+    assert run(tmp_path / "d", "--csm-weights", "auto") == 0
+    assert {c["repo_id"] for c in hub} == {fw.CSM_REPO, fw.MIMI_REPO, fw.WATERMARK_REPO}
+    assert (tmp_path / "d" / fw.MODEL_FILE).is_file()
+
+
+def test_free_space_is_checked_before_anything_is_downloaded(
+        hub: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    real = fw.remotes
+
+    def larger_than_the_disk(csm_repo: str = fw.CSM_REPO, parts=fw.PARTS) -> list[fw.Remote]:
+        return [replace(r, size=free) if r.dest == fw.MODEL_FILE else r for r in real(csm_repo, parts)]
+
+    monkeypatch.setattr(fw, "remotes", larger_than_the_disk)
+    assert run(tmp_path / "d", "--dtype", "bfloat16") == 1
+    line = error_line(capsys)
+    # the download (that file, Mimi, the rest) plus the half-size bfloat16 copy made while converting
+    needed = float(re.search(r"about ([\d.]+) GB more are needed", line)[1]) * 1e9
+    assert 1.5 * free < needed < 1.5 * free + 0.5e9
+    assert f"{free / 1e9:.1f} GB are free" in line and "nothing was downloaded" in line
+    assert hub == []
+
+
+def test_the_space_check_counts_what_an_interrupted_run_left(tmp_path: Path) -> None:
+    files = fw.remotes(parts=(fw.CODEC, fw.WATERMARK))
+    staging = tmp_path / ".download"
+    total = sum(r.expected_bytes for r in files)
+    assert fw.bytes_needed(files, staging, "bfloat16") == total
+    (staging / fw.MIMI_REPO).mkdir(parents=True)
+    (staging / fw.MIMI_REPO / "part.incomplete").write_bytes(b"x" * 1000)
+    assert fw.bytes_needed(files, staging, "bfloat16") == total - 1000

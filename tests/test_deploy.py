@@ -77,7 +77,7 @@ class FakeSDK:
 def test_repository_config_validates() -> None:
     config = deploy.load_config(CONFIG)
     assert config.flashboot
-    assert config.env["CSM_MODEL_DIR"] == "/models/csm-1b"
+    assert "CSM_MODEL_DIR" not in config.env  # the worker finds the image's model itself
     assert deploy.SECRET_REFERENCE.match(config.env["CSM_WATERMARK_KEY"])
     assert all(deploy.POOL_MEMORY_GB[g] >= 24 for g in config.gpu_ids)
 
@@ -115,7 +115,8 @@ INVALID = {
     "typo in a field": (_set("idle_timeout", 5), "idle_timeout: Extra inputs are not permitted"),
     "zero idle timeout": (_set("idle_timeout_s", 0), "idle_timeout_s"),
     "old CUDA": (_set("allowed_cuda_versions", ["12.4"]), "CUDA 12.4 is too old"),
-    "missing model dir": (_delete("env.CSM_MODEL_DIR"), "missing CSM_MODEL_DIR"),
+    "missing watermark key": (_delete("env.CSM_WATERMARK_KEY"), "missing CSM_WATERMARK_KEY"),
+    "literal HF token": (_set("env.HF_TOKEN", "hf_abc"), "HF_TOKEN must be a RunPod secret reference"),
     "quote in env": (_set("env.CSM_LOG_LEVEL", 'IN"FO'), "quote"),
     "bad concurrency": (_set("env.CSM_MAX_CONCURRENCY", "0"), "CSM_MAX_CONCURRENCY"),
     "two GPUs": (_set("gpu_count", 2), "gpu_count"),
@@ -230,8 +231,11 @@ def test_hub_listing_agrees_with_runpod_yaml() -> None:
     assert hub["config"]["allowedCudaVersions"] == config.allowed_cuda_versions
     assert hub["config"]["containerDiskInGb"] == config.container_disk_gb
     env = {entry["key"]: entry for entry in hub["config"]["env"]}
-    assert env["CSM_MODEL_DIR"]["value"] == config.env["CSM_MODEL_DIR"]
-    assert "value" not in env["CSM_WATERMARK_KEY"]  # each user's own key, never one of ours
+    # The Hub builds the slim image: nothing pins the model folder, the user brings the model.
+    assert "CSM_MODEL_DIR" not in env
+    assert env["CSM_MODEL_REPO"]["input"]["default"] == "sesame/csm-1b"
+    for secret in ("CSM_WATERMARK_KEY", "HF_TOKEN"):
+        assert "value" not in env[secret] and env[secret]["input"]["default"] == "", secret
 
 
 def test_hub_test_job_is_a_short_valid_generation() -> None:

@@ -78,7 +78,51 @@ def test_weights_are_fetched_with_the_secret_mount_in_bfloat16() -> None:
     assert "--mount=type=secret,id=HF_TOKEN" in step
     assert "HF_TOKEN_PATH=/run/secrets/HF_TOKEN" in step
     assert "--dest /models/csm-1b" in step and "--dtype bfloat16" in step
-    assert any(kind == "ENV" and "CSM_MODEL_DIR=/models/csm-1b" in args for kind, args in instructions())
+
+
+def test_the_image_pins_no_model_folder_and_keeps_the_hub_reachable() -> None:
+    """Both variants let the worker search its model sources (worker/model_source.py), the
+    image's own folder first; the slim one may download at start (HF_TOKEN)."""
+    from worker.settings import DEFAULT_MODEL_DIR
+
+    envs = " ".join(args for kind, args in instructions() if kind == "ENV")
+    assert "CSM_MODEL_DIR" not in envs and "HF_HUB_OFFLINE" not in envs
+    assert f"--dest {DEFAULT_MODEL_DIR} " in fetch_step()
+
+
+def fetch_step() -> str:
+    return next(args for kind, args in instructions() if kind == "RUN" and "builder.fetch_weights" in args)
+
+
+def fetch_arguments(variant: str) -> list[str]:
+    """The RUN step's fetch_weights arguments, with the build argument given this value."""
+    command = fetch_step().split("python -m builder.fetch_weights", 1)[1].split("&&")[0]
+    return shlex.split(command.replace("${CSM_WEIGHTS}", variant))
+
+
+def test_the_variant_is_a_build_argument_defaulting_to_auto() -> None:
+    assert ("ARG", "CSM_WEIGHTS=auto") in instructions()
+    assert index_of("ARG", "CSM_WEIGHTS") < index_of("RUN", "builder.fetch_weights")
+
+
+@pytest.mark.parametrize("variant,token,parts", [
+    ("fetch", True, ("csm", "codec", "watermark")),  # the full image
+    ("auto", True, ("csm", "codec", "watermark")),  # a plain build with the secret: full
+    ("skip", True, ("codec", "watermark")),  # the slim image
+    ("auto", False, ("codec", "watermark")),  # a build without secrets (the RunPod Hub): slim
+])
+def test_each_variant_fetches_its_parts(variant: str, token: bool, parts: tuple[str, ...],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder import fetch_weights as fw
+
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", "hf_build_secret")
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = fw.parse_args(fetch_arguments(variant))
+    assert (str(args.dest), args.dtype) == ("/models/csm-1b", "bfloat16")
+    assert fw.chosen_parts(args.csm_weights) == parts
 
 
 def test_python_dependencies_are_installed_as_the_readme_says() -> None:

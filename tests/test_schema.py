@@ -279,8 +279,13 @@ def test_several_errors_are_all_reported():
 
 # ---- settings -----------------------------------------------------------------------------
 def test_settings_defaults():
-    s = load_settings({})
-    assert str(s.model_dir) == DEFAULT_MODEL_DIR
+    s = load_settings({"HOME": "/home/u"})
+    assert s.model_dir is None  # unset: the worker searches its model sources
+    assert (str(s.baked_dir), s.model_repo, str(s.volume_dir)) == (
+        DEFAULT_MODEL_DIR, "sesame/csm-1b", "/runpod-volume")
+    assert (str(s.hf_hub_cache), str(s.download_cache)) == (
+        "/home/u/.cache/huggingface/hub", "/home/u/.cache/csm-runpod")
+    assert (s.voices_dir, s.default_voice) == (None, "conversational_a")
     assert s.limits == Limits()
     assert s.watermark_key_is_public is True and len(s.watermark_key) == 5
     assert (s.log_level, s.max_concurrency, s.device) == ("INFO", 8, None)
@@ -297,6 +302,23 @@ def test_settings_from_env():
     assert s.watermark_key == (1, 2, 3, 4, 255) and s.watermark_key_is_public is False
     assert (s.log_level, s.max_concurrency) == ("DEBUG", 3)
     assert s.limits == Limits(10, 1, 2.5, 1234, 800, 4)
+
+
+def test_model_source_settings_from_env():
+    s = load_settings({"CSM_MODEL_REPO": "me/csm-finetune", "CSM_BAKED_DIR": "/b",
+                       "CSM_VOLUME_DIR": "/workspace", "HF_HOME": "/hf", "XDG_CACHE_HOME": "/c",
+                       "CSM_VOICES_DIR": "/v", "CSM_DEFAULT_VOICE": "alice"})
+    assert (s.model_repo, str(s.baked_dir), str(s.volume_dir)) == (
+        "me/csm-finetune", "/b", "/workspace")
+    assert (str(s.hf_hub_cache), str(s.download_cache)) == ("/hf/hub", "/c/csm-runpod")
+    assert (str(s.voices_dir), s.default_voice) == ("/v", "alice")
+    assert str(load_settings({"HF_HUB_CACHE": "/x", "HF_HOME": "/hf"}).hf_hub_cache) == "/x"
+
+
+@pytest.mark.parametrize("repo", ["csm-1b", "a/b/c", "/x", "sesame/csm 1b"])
+def test_malformed_model_repo_is_refused(repo):
+    with pytest.raises(SettingsError, match="CSM_MODEL_REPO must be a hub repo id"):
+        load_settings({"CSM_MODEL_REPO": repo})
 
 
 @pytest.mark.parametrize("key", ["", "   "])
@@ -356,3 +378,22 @@ def test_bad_log_level_is_refused():
 
 def test_empty_limit_means_default():
     assert load_settings({"CSM_MAX_TEXT_CHARS": ""}).limits.max_text_chars == 5000
+
+
+# ---- voices a worker serves, and listing them ------------------------------------------------
+def test_voice_is_checked_against_the_workers_voices():
+    voices = ("alice", "conversational_a", "none")
+    assert parse_request({"text": "Hi.", "voice": "alice"}, LIMITS, voices).voice == "alice"
+    with pytest.raises(RequestError) as info:
+        parse_request({"text": "Hi.", "voice": "conversational_b"}, LIMITS, voices)
+    assert str(info.value) == ("voice: must be one of 'alice', 'conversational_a', 'none', "
+                               "got 'conversational_b'")
+    refused({"text": "Hi.", "voice": "alice"}, "voice", "got 'alice'")  # not a built-in voice
+
+
+def test_list_voices_takes_no_other_field():
+    from worker.schema import ListVoicesRequest
+
+    assert isinstance(ok({"task": "list_voices"}), ListVoicesRequest)
+    refused({"task": "list_voices", "text": "Hi."}, "text: unknown field")
+    refused({"task": "translate"}, "'generate', 'verify_watermark', 'list_voices'")

@@ -7,18 +7,22 @@ Limits that an operator may change (text length, context size, audio length) are
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat,
-                      StrictInt,
-                      StrictStr, ValidationError, field_validator, model_validator)
+                      StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from csm.sampling import MAX_TOPK
 
 from .settings import Limits
 from .stream_encoder import STREAM_FORMATS
 
+# The built-in voices; a worker also accepts its own (worker/voices.py) and passes its list
+# to parse_request.
 VOICES = ("conversational_a", "conversational_b", "none")
+TASKS = ("generate", "verify_watermark", "list_voices")
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "pcm")
 MAX_SPEAKER = 31
 MAX_SEED = 2**32 - 1
@@ -83,7 +87,7 @@ class GenerateRequest(_Strict):
     input: Text | None = None  # alias of text, as OpenAI-style clients send it
     turns: list[DialogueTurn] | None = None
     speaker: Speaker | None = None
-    voice: Literal["conversational_a", "conversational_b", "none"] | None = None
+    voice: str | None = None  # one of the worker's voices (checked against them) or "none"
     context: list[ContextTurn] = Field(default_factory=list)
     max_audio_length_ms: Annotated[StrictInt, Field(ge=80)] | None = None
     temperature: Annotated[StrictFloat | StrictInt, Field(gt=0, le=2)] = 0.9
@@ -91,6 +95,14 @@ class GenerateRequest(_Strict):
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     response_format: Literal["wav", "flac", "ogg", "opus", "mp3", "pcm"] = "wav"
     stream: StrictBool = False
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _known_voice(cls, v: Any, info: ValidationInfo) -> Any:
+        voices = (info.context or {}).get("voices", VOICES)
+        if v is not None and (not isinstance(v, str) or v not in voices):
+            raise ValueError(f"must be one of {', '.join(repr(n) for n in voices)}, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _one_text(self) -> "GenerateRequest":
@@ -121,7 +133,11 @@ class VerifyRequest(_Strict):
     audio_base64: StrictStr = Field(min_length=1)
 
 
-Request = GenerateRequest | VerifyRequest
+class ListVoicesRequest(_Strict):
+    task: Literal["list_voices"]
+
+
+Request = GenerateRequest | VerifyRequest | ListVoicesRequest
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -132,7 +148,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
-def _describe(errors: list[dict[str, Any]]) -> str:
+def describe_errors(errors: list[dict[str, Any]]) -> str:
+    """pydantic's errors as one line: `field: what is wrong`, joined by semicolons."""
     messages = []
     for err in errors:
         path = _field_path(err["loc"])
@@ -146,18 +163,20 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(messages)
 
 
-def parse_request(payload: Any, limits: Limits) -> Request:
-    """The job's `input` -> a validated request, or RequestError naming field and limit."""
+def parse_request(payload: Any, limits: Limits, voices: Sequence[str] = VOICES) -> Request:
+    """The job's `input` -> a validated request, or RequestError naming field and limit.
+    `voices`: the names `voice` may take (the worker's voices and "none")."""
     if not isinstance(payload, dict):
         raise RequestError(f"input must be a JSON object, got {type(payload).__name__}")
     task = payload.get("task", "generate")
-    if task not in ("generate", "verify_watermark"):
-        raise RequestError(f"task: must be one of 'generate', 'verify_watermark', got {task!r}")
-    model = VerifyRequest if task == "verify_watermark" else GenerateRequest
+    if task not in TASKS:
+        raise RequestError(f"task: must be one of {', '.join(repr(t) for t in TASKS)}, got {task!r}")
+    model = {"verify_watermark": VerifyRequest, "list_voices": ListVoicesRequest}.get(
+        task, GenerateRequest)
     try:
-        request = model.model_validate(payload)
+        request = model.model_validate(payload, context={"voices": voices})
     except ValidationError as e:
-        raise RequestError(_describe(e.errors(include_url=False))) from None
+        raise RequestError(describe_errors(e.errors(include_url=False))) from None
     if isinstance(request, GenerateRequest):
         _check_limits(request, limits)
     return request

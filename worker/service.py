@@ -1,7 +1,8 @@
 """The worker's jobs: request -> schema -> engine -> encoded response, and never a crash.
 
-Built once per process (`Worker.start`): the model loads and the preset voices are
-Mimi-encoded at start-up, so a job only pays for its own work. Jobs run concurrently on the
+Built once per process (`Worker.start`): the model is found (worker/model_source.py) and
+loads, and the voices (presets and your own, worker/voices.py) are Mimi-encoded and prefilled
+at start-up, so a job only pays for its own work. Jobs run concurrently on the
 asyncio loop; their frames are drawn together by the engine's batched scheduler, and the
 blocking steps of a job (decoding reference audio, watermarking, encoding files) run in
 threads so that one job never holds up another.
@@ -16,21 +17,22 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import soundfile as sf
 import torch
 
 from csm.codec import SAMPLE_RATE
 from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, GenerationRequest,
                         PromptTooLongError, Utterance, is_device_fault)
-from csm.presets import PRESETS
 from csm.prompt import Segment
 from csm.text_split import split_text
 
 from .audio_io import (AudioInputError, MEDIA_TYPES, decode_base64, encode_audio,
                        read_audio, to_base64)
-from .schema import GenerateRequest, RequestError, VerifyRequest, parse_request
+from .model_source import find_model, load_engine
+from .schema import GenerateRequest, ListVoicesRequest, RequestError, VerifyRequest, parse_request
 from .settings import Settings
 from .stream_chunks import stream_items
+from .voices import (NO_VOICE, check_default, read_voices, register_voices, voice_list,
+                     voices_folder)
 
 log = logging.getLogger("worker")
 
@@ -50,22 +52,21 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
-        engine = Engine.load(settings.model_dir, device=settings.device,
-                             max_batch=settings.max_concurrency,
-                             stall_timeout_s=settings.stall_timeout_s)
+        """Raises settings.StartupError, one line saying what to do, when the worker can't start."""
+        source = find_model(settings)
+        # Voices are read and checked before the weights load: a broken default fails fast.
+        clips = read_voices(source.folder, voices_folder(settings, source.origin))
+        check_default(clips, settings.default_voice)
+        engine = load_engine(source, settings)
         started = time.perf_counter()
-        presets = {}
-        for name, preset in PRESETS.items():
-            audio, rate = sf.read(settings.model_dir / preset.wav, dtype="float32", always_2d=True)
-            presets[name] = engine.segment(preset.speaker, preset.transcript,
-                                           torch.from_numpy(audio.mean(axis=1)), rate)
-            engine.register_prefix(presets[name])
-        engine.startup_ms["presets"] = 1000 * (time.perf_counter() - started)
+        presets = register_voices(engine, clips, settings.default_voice)
+        engine.startup_ms["voices"] = 1000 * (time.perf_counter() - started)
         # One short job through every stage (lazy CUDA graphs in Mimi, cuBLAS handles,
         # SilentCipher) so that the first caller does not pay for them.
         started = time.perf_counter()
+        default = settings.default_voice
         engine.generate(GenerationRequest(
-            text="Warming up.", context=(presets["conversational_a"],),
+            text="Warming up.", context=(presets[default],) if default != NO_VOICE else (),
             max_audio_length_ms=4 * 80, watermark_key=settings.watermark_key))
         engine.startup_ms["warm_up"] = 1000 * (time.perf_counter() - started)
         if settings.watermark_key_is_public:
@@ -81,9 +82,12 @@ class Worker:
     async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
         """A job's outputs: one response (or {"error"}), or stream chunks ending in a summary."""
         try:
-            request = parse_request(payload, self.settings.limits)
+            request = parse_request(payload, self.settings.limits, self.voice_names)
             if isinstance(request, VerifyRequest):
                 yield await asyncio.to_thread(self.verify, request)
+                return
+            if isinstance(request, ListVoicesRequest):
+                yield voice_list(self.presets, self.settings.default_voice)
                 return
             events: asyncio.Queue = asyncio.Queue()
             generation = await self.start_generation(request, events)
@@ -150,14 +154,20 @@ class Worker:
         return {"error": f"internal error ({type(error).__name__}); the job was not completed"}
 
     # ---- request -> engine request -----------------------------------------------------
+    @property
+    def voice_names(self) -> tuple[str, ...]:
+        """What `voice` may name: every voice (presets and your own), and "none"."""
+        return (*sorted(self.presets), NO_VOICE)
+
     def voice(self, request: GenerateRequest) -> str:
-        """The preset in the prompt: as asked, else none with the caller's own context, else a."""
-        return request.voice or ("none" if request.context else "conversational_a")
+        """The voice in the prompt: as asked, else none with the caller's own context, else the
+        default voice (CSM_DEFAULT_VOICE)."""
+        return request.voice or (NO_VOICE if request.context else self.settings.default_voice)
 
     def context_segments(self, request: GenerateRequest) -> tuple[Segment, ...]:
         """The preset voice (if any) followed by the caller's own turns, Mimi-encoded."""
         voice = self.voice(request)
-        segments = [] if voice == "none" else [self.presets[voice]]
+        segments = [] if voice == NO_VOICE else [self.presets[voice]]
         limits = self.settings.limits
         budget_bytes, seconds = limits.max_reference_bytes, 0.0
         for i, turn in enumerate(request.context):
@@ -174,11 +184,11 @@ class Worker:
         return tuple(segments)
 
     def speaker(self, request: GenerateRequest) -> int:
-        """Explicit speaker, else the preset voice's own, else 0."""
+        """Explicit speaker, else the voice's own, else 0."""
         if request.speaker is not None:
             return request.speaker
         voice = self.voice(request)
-        return PRESETS[voice].speaker if voice != "none" else 0
+        return self.presets[voice].speaker if voice != NO_VOICE else 0
 
     def utterances(self, request: GenerateRequest) -> list[Utterance]:
         """Every piece to speak, in order: long text and long turns split at sentences."""
