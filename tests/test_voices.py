@@ -151,13 +151,15 @@ def started(tiny_model_dir: Path, voices_dir: Path):
     handler = CapturingHandler()
     logger = logging.getLogger("worker")
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not a plain attribute: setLevel clears the logger's cache
     try:
         worker = Worker.start(load_settings({
             "CSM_MODEL_DIR": str(tiny_model_dir), "CSM_DEVICE": "cpu", "CSM_MAX_CONCURRENCY": "2",
             "CSM_VOICES_DIR": str(voices_dir), "CSM_DEFAULT_VOICE": "alice"}))
     finally:
-        logging.getLogger("worker").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     yield worker, prefills, handler.lines
     worker.engine.close()
     monkeypatch.undo()
