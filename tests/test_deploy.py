@@ -235,12 +235,12 @@ def test_hub_listing_agrees_with_runpod_yaml() -> None:
 
 
 def test_hub_test_job_is_a_short_valid_generation() -> None:
-    from worker.schema import GenerateRequest, parse_request
+    from worker.schema import SpeechRequest, parse_request
     from worker.settings import Limits
 
     tests = hub_file("tests.json")
     assert tests["config"]["gpuCount"] == 1 and tests["tests"]
     for case in tests["tests"]:
         request = parse_request(case["input"], Limits())
-        assert isinstance(request, GenerateRequest)
+        assert isinstance(request, SpeechRequest)
         assert request.max_audio_length_ms is not None and request.max_audio_length_ms <= 5000

@@ -143,8 +143,6 @@ def valid_payload(draw) -> dict:
                                       "response_format", "stream")}
     payload.update(draw(st.fixed_dictionaries({}, optional=optional)))
     payload["max_audio_length_ms"] = draw(st.integers(80, 160))
-    if payload.get("stream") and payload.get("response_format") in ("flac", "mp3"):
-        payload["response_format"] = "wav"
     if draw(st.integers(0, 3)) == 0:
         payload["context"] = [{"text": draw(valid_text), "speaker": draw(st.integers(0, 31)),
                                "audio_base64": draw(st.sampled_from(VALID_CLIPS))}]
