@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from worker.schema import FORMATS, VOICES
 from worker.service import Worker
 from worker.settings import load_settings
-from worker_helpers import audio_b64, b64, collect, imported_handler, run
+from worker_helpers import audio_b64, b64, collect, complete, imported_handler, run
 
 CAP_MS = 240
 LIMITS_ENV = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_TEXT_CHARS": "400",
@@ -210,7 +210,7 @@ def check_answer(items: list, payload) -> str:
 def test_every_payload_gets_one_well_formed_answer(worker, loop, case, whole):
     kind, payload = case
     if whole:
-        items = [run(loop, worker.run_to_completion(payload))]
+        items = [run(loop, complete(worker, payload))]
     else:
         items = run(loop, collect(worker, payload))
     outcome = check_answer(items, payload)
@@ -236,7 +236,7 @@ def test_fuzz_reached_every_outcome(worker, loop):
     assert sum(v for k, v in STATS.items() if k.endswith(":verify")) >= 3
     assert sum(v for k, v in STATS.items() if k.endswith(":error")) >= total // 2
     # and the worker is still healthy afterwards
-    r = run(loop, worker.run_to_completion({"text": "After the storm.",
+    r = run(loop, complete(worker, {"text": "After the storm.",
                                             "max_audio_length_ms": 160, "seed": 1}))
     assert "error" not in r and r["duration_ms"] == 160
     deadline = loop.time() + 5
@@ -252,7 +252,7 @@ def test_fuzz_reached_every_outcome(worker, loop):
      "context": [{"text": "\udfff", "speaker": 0, "audio_base64": CLIP_WAV}]},
 ])
 def test_lone_surrogates_are_refused_by_field(worker, loop, payload):
-    r = run(loop, worker.run_to_completion(payload))
+    r = run(loop, complete(worker, payload))
     assert set(r) == {"error"}
     assert not r["error"].startswith("internal error"), r["error"]
     assert "text" in r["error"]

@@ -19,7 +19,7 @@ from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
 from worker.settings import load_settings
 from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_b64,
-                            audio_file, b64, collect, decode_audio, decode_bytes,
+                            audio_file, b64, collect, complete, decode_audio, decode_bytes,
                             decode_with_ffmpeg, run, stream_wav_frames)
 
 CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, enough for three streamed chunks
@@ -393,9 +393,9 @@ def test_streamed_bytes_make_one_file_of_the_announced_length(worker, loop, fmt)
         assert len(raw) == 2 * total
 
 
-def test_run_to_completion_answers_a_streamed_request_whole(worker, loop):
-    r = run(loop, worker.run_to_completion({"text": "Whole.", "max_audio_length_ms": 240,
-                                            "seed": 6, "stream": True}))
+def test_run_without_streaming_answers_a_streamed_request_whole(worker, loop):
+    r = run(loop, complete(worker, {"text": "Whole.", "max_audio_length_ms": 240, "seed": 6,
+                                    "stream": True}))
     assert set(r) == RESPONSE
     check_length(r, 240)
 
@@ -450,7 +450,7 @@ def test_concurrent_jobs_equal_the_same_jobs_alone(worker, loop):
     alone = [good(worker, loop, p) for p in CONCURRENT]
 
     async def together():
-        return await asyncio.gather(*(worker.run_to_completion(p) for p in CONCURRENT))
+        return await asyncio.gather(*(complete(worker, p) for p in CONCURRENT))
 
     gathered = run(loop, together())
     for payload, solo, batched in zip(CONCURRENT, alone, gathered):
@@ -511,7 +511,7 @@ def test_closing_a_stream_frees_its_slot(worker, loop):
 
 def test_a_cancelled_task_frees_its_slot(worker, loop):
     async def cancel_mid_job():
-        task = asyncio.ensure_future(worker.run_to_completion(LONG_JOB))
+        task = asyncio.ensure_future(complete(worker, LONG_JOB))
         while not worker.engine.scheduler.active_jobs:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)

@@ -105,6 +105,13 @@ async def collect(worker: Any, payload: Any, **kwargs: Any) -> list[dict[str, An
     return [item async for item in worker.run(payload, **kwargs)]
 
 
+async def complete(worker: Any, payload: Any) -> dict[str, Any]:
+    """The whole response at once (streamed requests too), as `--test_input` answers."""
+    items = [item async for item in worker.run(payload, allow_stream=False)]
+    assert len(items) == 1, items
+    return items[0]
+
+
 def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
     return loop.run_until_complete(coro)
 

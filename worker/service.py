@@ -89,19 +89,21 @@ class Worker:
         return cls(engine, settings, presets)
 
     # ---- the service API ---------------------------------------------------------------
-    async def speak(self, request: SpeechRequest, history: tuple[Segment, ...] = (),
+    async def speak(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
+                    history: tuple[Segment, ...] = (),
                     encoder: StreamEncoder | None = None) -> AsyncIterator[Chunk]:
         """The audio of `request`: one whole file, or (`stream`) chunks as they are marked.
 
-        `history` is earlier speech of the same conversation, spoken after the request's own
-        context (the oldest dropped first when the window runs short); `encoder` continues a
-        stream the caller owns (one file across several requests) and is left open. Caller
-        mistakes raise (CALLER_ERRORS) before the first chunk. Closing the iterator early
-        cancels the job and frees its slot at once.
+        `fixed` replaces the request's own voice and context with segments encoded before (a
+        connection that speaks many times); `history` is earlier speech of the same
+        conversation, after them (the oldest dropped first when the window runs short);
+        `encoder` continues a stream the caller owns (one file across several requests) and
+        is left open. Caller mistakes raise (CALLER_ERRORS) before the first chunk. Closing
+        the iterator early cancels the job and frees its slot at once.
         """
         timer = Timer()
         marking = self.watermarking.marking(request.watermark, request.watermark_key)
-        plan = await asyncio.to_thread(self.plan, request, history)
+        plan = await asyncio.to_thread(self.plan, request, fixed, history)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         generation = self.engine.start(
@@ -125,7 +127,7 @@ class Worker:
     async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
         """A native job's outputs (queue or HTTP): one response (or {"error"}), or stream
         chunks ending in a summary."""
-        try:
+        async def items() -> AsyncIterator[dict[str, Any]]:
             request = parse_request(payload, self.settings.limits)
             if isinstance(request, VerifyRequest):
                 yield await asyncio.to_thread(self.verify, request)
@@ -136,17 +138,21 @@ class Worker:
             async with aclosing(self.speak(request)) as chunks:
                 async for chunk in chunks:
                     yield shape(chunk, request.response_format)
+
+        async with aclosing(self.guarded(items())) as answers:
+            async for answer in answers:
+                yield answer
+
+    async def guarded(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A job's items, its failure ending them as one {"error"} item: never a raise."""
+        try:
+            async with aclosing(items):
+                async for item in items:
+                    yield item
         except CALLER_ERRORS as e:
             yield {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - a job must never take the worker down
             yield self.failure(e)
-
-    async def run_to_completion(self, payload: Any) -> dict[str, Any]:
-        """The whole response at once (streamed requests too): for `--test_input`."""
-        result: dict[str, Any] = {}
-        async for item in self.run(payload, allow_stream=False):
-            result = item
-        return result
 
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
@@ -205,11 +211,18 @@ class Worker:
                 out.append(Utterance(speaker, piece, ms))
         return out
 
-    def plan(self, request: SpeechRequest,
+    @staticmethod
+    def seeded(request: SpeechRequest) -> SpeechRequest:
+        """The request with its seed: the caller's, or a random one (reported back)."""
+        if request.seed is not None:
+            return request
+        return request.model_copy(update={"seed": secrets.randbelow(2**32)})
+
+    def plan(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
              history: tuple[Segment, ...] = ()) -> GenerationRequest:
         first, *rest = self.utterances(request)
-        context = self.context_segments(request)
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        context = self.context_segments(request) if fixed is None else fixed
+        seed = self.seeded(request).seed
         recent = list(history)
         while True:
             plan = GenerationRequest(

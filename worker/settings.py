@@ -54,6 +54,7 @@ class Settings:
     log_level: str
     max_concurrency: int
     device: str | None
+    mode: str = "queue"  # CSM_MODE: "queue" (RunPod's job queue) or "http" (worker.http_app)
     allow_watermark_override: bool = False
     http: HttpSettings = HttpSettings()
 
@@ -98,7 +99,11 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     level = env.get("CSM_LOG_LEVEL", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"CSM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    mode = env.get("CSM_MODE", "queue").strip().lower() or "queue"
+    if mode not in ("queue", "http"):
+        raise SettingsError(f"CSM_MODE must be queue or http, got {mode!r}")
     return Settings(
+        mode=mode,
         allow_watermark_override=_flag(env, "CSM_ALLOW_WATERMARK_OVERRIDE"),
         http=_http_settings(env),
         model_dir=Path(env.get("CSM_MODEL_DIR") or DEFAULT_MODEL_DIR),
