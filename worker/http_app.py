@@ -185,17 +185,17 @@ async def streamed(runtime: Runtime, request: Request, items: AsyncIterator[Any]
                    release: Callable[[], None],
                    respond: Callable[[Any], Awaitable[Response]]) -> Response:
     """Wait for the first item (or refuse), then let `respond` build the response; the slot
-    and the job are released when the body ends, or here if it never starts."""
-    started = False
+    and the job are released when a streamed body ends, or here otherwise."""
+    streaming = False
     try:
         first = await first_item(items, request, runtime)
         response = await respond(first)
-        started = True
+        streaming = isinstance(response, GuardedStream)
         return response
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; nothing is sent
     finally:
-        if not started:
+        if not streaming:
             release()
             with anyio.CancelScope(shield=True):
                 await items.aclose()

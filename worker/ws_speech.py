@@ -53,6 +53,12 @@ class Closing(Exception):
         self.code = code
 
 
+def error_message(message: str) -> dict[str, Any]:
+    """{"type": "error", "message", "param"}: param names the field, as OpenAI's errors do."""
+    return {"type": "error", "message": message,
+            "param": error_body(message)["error"]["param"]}
+
+
 class TextBuffer:
     """Text not yet spoken; hands out the pieces that are complete."""
 
@@ -100,7 +106,7 @@ class Session:
                 await self.websocket.send_text(json.dumps(message))
 
     async def error(self, message: str) -> None:
-        await self.send({"type": "error", **error_body(message)["error"]})
+        await self.send(error_message(message))
 
     # ---- configuration ---------------------------------------------------------------------
     async def configure(self, fields: dict[str, Any]) -> None:
@@ -173,8 +179,8 @@ class Session:
 async def speak_over_websocket(websocket: WebSocket, runtime: Any) -> None:
     await websocket.accept()
     if runtime.worker is None:
-        await websocket.send_text(json.dumps({"type": "error", **error_body(
-            "the model is still loading; reconnect shortly", "server_error")["error"]}))
+        await websocket.send_text(json.dumps(error_message(
+            "the model is still loading; reconnect shortly")))
         await websocket.close(TRY_AGAIN_LATER)
         return
     session = Session(websocket, runtime.worker, runtime)
