@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/csm-1b
 
-.PHONY: setup test run serve tiny bench weights image deploy-dry-run
+.PHONY: setup test run serve serve-http tiny bench weights image deploy-dry-run
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ run: setup
 serve: setup
 	CSM_MODEL_DIR=$(MODEL_DIR) $(PY) -u handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
 
+# The HTTP mode (OpenAI-compatible speech API, native JSON API, WebSocket) on
+# http://127.0.0.1:8000, as a RunPod load-balancing endpoint runs it.
+serve-http: setup
+	CSM_MODEL_DIR=$(MODEL_DIR) CSM_MODE=http CSM_HOST=127.0.0.1 PORT=8000 $(PY) -u handler.py
+
 # A model folder with random weights (noise, not speech) for trying the worker without the real model.
 tiny: setup
 	$(PY) -m csm.testing make-tiny models/tiny-random
@@ -42,9 +47,11 @@ image:
 	docker buildx build --secret id=HF_TOKEN,env=HF_TOKEN -t $(IMAGE) $(BUILD_FLAGS) .
 
 # The RunPod template and endpoint runpod.yaml describes: shown, or created (needs RUNPOD_API_KEY).
+# CONFIG=runpod.http.yaml: the load-balancing endpoint (HTTP mode) instead of the queue one.
+CONFIG ?= runpod.yaml
 deploy-dry-run: setup
-	$(PY) -m builder.deploy --config runpod.yaml --dry-run
+	$(PY) -m builder.deploy --config $(CONFIG) --dry-run
 
 .PHONY: deploy
 deploy: setup
-	$(PY) -m builder.deploy --config runpod.yaml
+	$(PY) -m builder.deploy --config $(CONFIG)

@@ -12,6 +12,7 @@ import base64
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from worker.http_app import Runtime, create_app, serve
 from worker.openai_api import openai_job
 from worker.service import Worker
 from worker.settings import load_settings
-from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, audio_b64, decode_with_ffmpeg,
+from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, audio_b64, decode_with_ffmpeg,
                             free_port, handler_cmd, handler_env, run, stop, stream_wav_frames)
 
 CAP_MS = 8000
@@ -486,3 +487,15 @@ def test_serve_returns_1_when_the_model_cannot_load(tmp_path):
     thread.start()
     thread.join(60)
     assert result == {"code": 1}
+
+
+def test_the_websocket_example_client_saves_a_wav(server, tmp_path):
+    out = tmp_path / "hello.wav"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "ws_client.py"), "--url",
+         f"ws://127.0.0.1:{server.port}", "--text", "Hello there. How are you?", "--seed", "1",
+         "--max-audio-length-ms", "160", "--word-delay", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "speaking 0: 'Hello there.'" in done.stdout and "done: 2 sentences" in done.stdout
+    assert len(stream_wav_frames(out.read_bytes())) == 2 * 160 * 24
