@@ -286,3 +286,20 @@ def test_handler_functions_answer_every_job(handler_module, loop, case, with_inp
         assert "input must be a JSON object" in whole["error"]
     assert ("error" in whole) == ("error" in streamed[-1])
     assert handler_module.config.get("refresh_worker") is not True
+
+
+def test_handler_answers_openai_jobs(handler_module, loop):
+    """RunPod's /openai/v1 path: SSE strings when streamed, one native response otherwise."""
+    body = {"model": "csm-1b", "input": "Hi.", "voice": "none", "response_format": "pcm",
+            "stream_format": "sse", "max_audio_length_ms": 160, "seed": 1}
+    job = {"id": "oa", "input": {"openai_route": "/v1/audio/speech", "openai_input": body}}
+
+    async def stream_all():
+        return [item async for item in handler_module.stream_handler(job)]
+
+    events = run(loop, stream_all())
+    assert events and all(isinstance(e, str) and e.startswith("data: ") for e in events)
+    done = json.loads(events[-1][len("data: "):])
+    assert done["type"] == "speech.audio.done" and done["duration_ms"] == 160
+    whole = run(loop, handler_module.test_input_handler(job))
+    assert whole["format"] == "pcm" and whole["duration_ms"] == 160 and whole["seed"] == 1

@@ -448,7 +448,7 @@ def test_queue_openai_jobs(runtime):
         loop.close()
 
 
-# ---- `CSM_MODE=http python handler.py`: the process RunPod starts ---------------------------------
+# ---- `CSM_MODE=http python handler.py`: the process RunPod starts -------------------------------
 def test_handler_serves_http_with_health_on_its_own_port(tiny_model_dir):
     """The model loads after the ports open: /ping on PORT_HEALTH says 204, then 200."""
     port, health = free_port(), free_port()

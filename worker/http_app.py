@@ -37,6 +37,7 @@ from .responses import chunk_item, whole_response
 from .schema import RequestError, VerifyRequest, parse_request
 from .service import CALLER_ERRORS, Worker
 from .settings import Settings
+from .ws_speech import speak_over_websocket
 
 log = logging.getLogger("worker.http")
 
@@ -269,8 +270,6 @@ def ping(runtime: Runtime) -> Response:
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    from .ws_speech import speak_over_websocket  # the WebSocket session builds on this module
-
     settings = runtime.settings
     app = FastAPI(title="CSM-1B text to speech", summary="Sesame CSM-1B on RunPod")
     app.add_middleware(BodyLimit, max_bytes=settings.http.max_body_bytes)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from contextlib import aclosing
 from typing import Any
@@ -34,15 +35,25 @@ from csm.text_split import sentences, split_text
 from .admission import Overloaded
 from .audio_io import MEDIA_TYPES
 from .openai_api import error_body
-from .schema import RequestError, SpeechRequest, parse_request
+from .schema import SpeechRequest, parse_request
 from .service import CALLER_ERRORS, PIECE_CHARS, Worker
 from .stream_encoder import StreamEncoder
+
+log = logging.getLogger("worker.ws")
 
 SESSION_FIELDS = ("voice", "speaker", "context", "temperature", "topk", "seed",
                   "max_audio_length_ms", "response_format", "watermark", "watermark_key")
 # Sentences kept as context for the next one (the window may hold fewer; see Worker.plan).
 HISTORY = 8
 POLICY_VIOLATION, TRY_AGAIN_LATER, SERVER_ERROR = 1008, 1013, 1011
+
+
+class Stalled(Exception):
+    """The client read nothing for CSM_SEND_TIMEOUT_S."""
+
+
+# The connection is gone (or as good as gone): stop at once, say nothing more.
+GONE = (WebSocketDisconnect, ConnectionClosed, OSError, Stalled)
 
 
 class Closing(Exception):
@@ -99,11 +110,16 @@ class Session:
         self.spoken = self.samples = 0
 
     async def send(self, message: dict[str, Any] | bytes) -> None:
+        """One message; a client that stops reading can't hold its slot for ever."""
         async with self.sending:
-            if isinstance(message, bytes):
-                await self.websocket.send_bytes(message)
-            else:
-                await self.websocket.send_text(json.dumps(message))
+            try:
+                async with asyncio.timeout(self.worker.settings.http.send_timeout_s):
+                    if isinstance(message, bytes):
+                        await self.websocket.send_bytes(message)
+                    else:
+                        await self.websocket.send_text(json.dumps(message))
+            except TimeoutError:
+                raise Stalled from None
 
     async def error(self, message: str) -> None:
         await self.send(error_message(message))
@@ -165,6 +181,8 @@ class Session:
         except CALLER_ERRORS as e:
             await self.error(f"sentence {index}: {e}")
             return
+        except GONE:
+            raise
         except Exception as e:  # noqa: BLE001 - reported; the worker carries on
             raise Closing(Worker.failure(e)["error"], SERVER_ERROR) from None
         finally:
@@ -197,7 +215,10 @@ async def speak_over_websocket(websocket: WebSocket, runtime: Any) -> None:
     except Closing as e:
         await session.error(str(e))
         await websocket.close(e.code)
-    except (WebSocketDisconnect, ConnectionClosed):
+    except Stalled:
+        log.warning("a WebSocket client read nothing for %g s: its speech was cancelled",
+                    runtime.settings.http.send_timeout_s)
+    except GONE:
         pass  # the client left: stop speaking at once (below)
     finally:
         for task in (reading, speaking):
