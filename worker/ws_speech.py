@@ -130,6 +130,7 @@ class Session:
         if unknown:
             raise Closing(f"{unknown[0]}: unknown field in start; the accepted fields are "
                           f"{', '.join(SESSION_FIELDS)}", POLICY_VIOLATION)
+        # Checked as a request's fields are (a placeholder text stands in for the sentences).
         payload = {"response_format": "pcm", **fields, "text": "(connection)", "stream": True}
         try:
             template = parse_request(payload, self.worker.settings.limits)
