@@ -106,10 +106,11 @@ async def first_item(items: AsyncIterator[Any], request: Request, runtime: Runti
         await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if not nxt.done():
-        nxt.cancel()
-        with suppress(asyncio.CancelledError, StopAsyncIteration):
-            await nxt
+        if not nxt.done():  # the client left (or the server stops): stop the job's step
+            nxt.cancel()
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
+    if nxt.cancelled():
         raise ClientGone
     try:
         return nxt.result()

@@ -107,7 +107,7 @@ class Session:
         self.history: list[Segment] = []
         self.encoder: StreamEncoder | None = None
         self.queued_chars = 0  # text handed to the speaker, not yet spoken
-        self.spoken = self.samples = 0
+        self.sentences = self.spoken = self.samples = 0  # begun, spoken, audio samples sent
 
     async def send(self, message: dict[str, Any] | bytes) -> None:
         """One message; a client that stops reading can't hold its slot for ever."""
@@ -161,7 +161,7 @@ class Session:
         await self.websocket.close()
 
     async def speak(self, text: str) -> None:
-        index = self.spoken
+        index, self.sentences = self.sentences, self.sentences + 1
         try:
             release = await self.runtime.admission.acquire()
         except Overloaded as e:
@@ -180,7 +180,7 @@ class Session:
                     if chunk.final:
                         final = chunk
         except CALLER_ERRORS as e:
-            await self.error(f"sentence {index}: {e}")
+            await self.error(f"{e} (sentence {index}, not spoken)")
             return
         except GONE:
             raise
