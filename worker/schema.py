@@ -153,11 +153,11 @@ def parse_request(payload: Any, limits: Limits) -> Request:
     except ValidationError as e:
         raise RequestError(_describe(e.errors(include_url=False))) from None
     if isinstance(request, SpeechRequest):
-        check_limits(request, limits)
+        _check_limits(request, limits)
     return request
 
 
-def check_limits(request: SpeechRequest, limits: Limits) -> None:
+def _check_limits(request: SpeechRequest, limits: Limits) -> None:
     texts = [request.words] if request.turns is None else [t.text for t in request.turns]
     name = "turns" if request.turns is not None else ("text" if request.text else "input")
     total = sum(len(t) for t in texts)
