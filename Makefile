@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/csm-1b
 
-.PHONY: setup test run serve tiny bench weights image image-slim deploy-dry-run gpu-check
+.PHONY: setup test run serve serve-http tiny bench weights image image-slim deploy-dry-run gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ run: setup
 # Without a model folder it downloads one first when HF_TOKEN is set, else says how to get one.
 serve: setup
 	CSM_MODEL_DIR=$(MODEL_DIR) $(PY) -u handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
+
+# The HTTP mode (OpenAI-compatible speech API, native JSON API, WebSocket) on
+# http://127.0.0.1:8000, as a RunPod load-balancing endpoint runs it.
+serve-http: setup
+	CSM_MODEL_DIR=$(MODEL_DIR) CSM_MODE=http CSM_HOST=127.0.0.1 PORT=8000 $(PY) -u handler.py
 
 # A model folder with random weights (noise, not speech) for trying the worker without the real model.
 tiny: setup
@@ -59,9 +64,11 @@ image-slim:
 	docker buildx build --build-arg CSM_WEIGHTS=skip -t $(SLIM_IMAGE) $(BUILD_FLAGS) .
 
 # The RunPod template and endpoint runpod.yaml describes: shown, or created (needs RUNPOD_API_KEY).
+# CONFIG=runpod.http.yaml: the load-balancing endpoint (HTTP mode) instead of the queue one.
+CONFIG ?= runpod.yaml
 deploy-dry-run: setup
-	$(PY) -m builder.deploy --config runpod.yaml --dry-run
+	$(PY) -m builder.deploy --config $(CONFIG) --dry-run
 
 .PHONY: deploy
 deploy: setup
-	$(PY) -m builder.deploy --config runpod.yaml
+	$(PY) -m builder.deploy --config $(CONFIG)

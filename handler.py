@@ -1,8 +1,12 @@
 """RunPod entry point: `python -u handler.py` (see the README for local modes).
 
+Two modes, chosen by CSM_MODE: `queue` (default) serves RunPod's queue protocol through the
+SDK; `http` serves the HTTP API (worker.http_app) on PORT for a load-balancing endpoint.
+
 Thin on purpose: configuration, the model and the voices load once per worker, at start-up
 (`worker.startup`: a worker that can't start says why in one line and exits 1); each job goes
-to `worker.service.Worker`, which validates it and never raises.
+to `worker.service.Worker` (or, with `openai_route`, to `worker.openai_api`), which validates
+it and never raises.
 
 The SDK streams a generator handler's yields to `/stream` and, with
 `return_aggregate_stream`, returns their list from `/run` and `/runsync`; a non-streamed job
@@ -19,20 +23,33 @@ from typing import Any
 
 import runpod
 
+from worker.http_app import serve
+from worker.openai_api import openai_job
 from worker.startup import start_or_exit
 
+# In http mode the server loads the model itself, after its port is open (health checks see
+# it load): `worker` is None here.
 settings, worker = start_or_exit()
 
 
-async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    async for item in worker.run(job.get("input")):
-        if item.pop("refresh_worker", False):
+def answers(payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any] | str]:
+    if isinstance(payload, dict) and "openai_route" in payload:
+        return openai_job(worker, payload, allow_stream)
+    return worker.run(payload, allow_stream)
+
+
+async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+    async for item in answers(job.get("input")):
+        if isinstance(item, dict) and item.pop("refresh_worker", False):
             config["refresh_worker"] = True  # the SDK reads it after this job: restart
         yield item
 
 
-async def test_input_handler(job: dict[str, Any]) -> dict[str, Any]:
-    return await worker.run_to_completion(job.get("input"))
+async def test_input_handler(job: dict[str, Any]) -> dict[str, Any] | str:
+    result: dict[str, Any] | str = {}
+    async for item in answers(job.get("input"), allow_stream=False):
+        result = item
+    return result
 
 
 def _local_test_mode() -> bool:
@@ -47,4 +64,6 @@ config: dict[str, Any] = {
 }
 
 if __name__ == "__main__":
+    if settings.mode == "http":
+        sys.exit(serve(settings))
     runpod.serverless.start(config)

@@ -5,6 +5,11 @@
 Each deploy creates a new template (named <name>-<UTC time>, since template names must be unique)
 and then either creates the endpoint or points the existing endpoint of that name at the new
 template. The API key comes from RUNPOD_API_KEY. --dry-run prints both and calls nothing.
+
+`type: queue` (runpod.yaml) is RunPod's job queue; `type: load_balancer` (runpod.http.yaml)
+sends requests straight to the worker's HTTP server: the template then runs CSM_MODE=http on
+`http.port` with its health check on `http.health_port`, and the endpoint is created with
+RunPod's GraphQL API directly, since the SDK's create_endpoint cannot ask for that type.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+import requests
 import runpod
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,6 +45,13 @@ IMAGE_REFERENCE = re.compile(
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[a-f0-9]{64})$")
 # The model needs no variable: the worker finds it (worker/model_source.py).
 REQUIRED_ENV = ("CSM_WATERMARK_KEY",)
+# Set from `type` and `http` for a load-balancing endpoint; never by hand.
+HTTP_ENV = ("CSM_MODE", "PORT", "PORT_HEALTH")
+# saveEndpoint with variables: its input takes `type` ("LB"), which the SDK's mutation leaves out.
+SAVE_ENDPOINT = """
+mutation saveEndpoint($input: EndpointInput!) {
+    saveEndpoint(input: $input) { id name type templateId }
+}"""
 
 
 def graphql_safe(value: str, what: str) -> str:
@@ -71,11 +84,25 @@ class Scaler(BaseModel):
     value: int = Field(4, ge=1, le=1000)
 
 
+class Http(BaseModel):
+    """A load-balancing endpoint's ports: RunPod's PORT and PORT_HEALTH (which defaults to PORT)."""
+
+    model_config = ConfigDict(extra="forbid")
+    port: int = Field(8000, ge=1, le=65535)
+    health_port: int | None = Field(None, ge=1, le=65535)
+
+    @property
+    def health(self) -> int:
+        return self.health_port or self.port
+
+
 class EndpointConfig(BaseModel):
     # Numbers in env are sent as strings anyway; unknown keys are typos.
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
+    type: Literal["queue", "load_balancer"] = "queue"
+    http: Http | None = None
     image: str
     registry_auth_id: str | None = None
     gpu_ids: list[str] = Field(min_length=1)
@@ -143,7 +170,23 @@ class EndpointConfig(BaseModel):
         concurrency = env.get("CSM_MAX_CONCURRENCY")
         if concurrency is not None and not (concurrency.isdigit() and 1 <= int(concurrency) <= 64):
             raise ValueError(f"CSM_MAX_CONCURRENCY must be a whole number from 1 to 64, not {concurrency!r}")
+        set_by_type = [key for key in HTTP_ENV if key in env]
+        if set_by_type:
+            raise ValueError(f"{', '.join(set_by_type)}: set from `type` and `http`; remove it from env")
         return env
+
+    @model_validator(mode="after")
+    def endpoint_type(self) -> EndpointConfig:
+        if self.type == "queue":
+            if self.http is not None:
+                raise ValueError("http: only for type load_balancer (a queue endpoint has no ports)")
+            return self
+        if self.scaler.type != "REQUEST_COUNT":
+            raise ValueError("scaler.type: a load_balancer endpoint scales by REQUEST_COUNT "
+                             "(requests per worker); QUEUE_DELAY needs a queue")
+        if self.http is None:
+            self.http = Http()
+        return self
 
 
 class DeployError(Exception):
@@ -168,7 +211,7 @@ def load_config(path: Path) -> EndpointConfig:
 
 def template_request(config: EndpointConfig, now: datetime) -> dict:
     """Keyword arguments for runpod.create_template."""
-    return {
+    request = {
         "name": f"{config.name}-{now:%Y%m%dT%H%M%SZ}",
         "image_name": config.image,
         "container_disk_in_gb": config.container_disk_gb,
@@ -176,6 +219,11 @@ def template_request(config: EndpointConfig, now: datetime) -> dict:
         "is_serverless": True,
         "registry_auth_id": config.registry_auth_id,
     }
+    if config.type == "load_balancer":
+        http = config.http
+        request["env"].update(CSM_MODE="http", PORT=str(http.port), PORT_HEALTH=str(http.health))
+        request["ports"] = ",".join(f"{port}/http" for port in sorted({http.port, http.health}))
+    return request
 
 
 def endpoint_request(config: EndpointConfig, template_id: str) -> dict:
@@ -193,6 +241,38 @@ def endpoint_request(config: EndpointConfig, template_id: str) -> dict:
         "workers_max": config.workers.max,
         "flashboot": config.flashboot,
     }
+
+
+def load_balancer_input(wanted: dict, config: EndpointConfig) -> dict:
+    """endpoint_request's fields as saveEndpoint's input, for a load-balancing endpoint."""
+    fields = {
+        "name": wanted["name"], "templateId": wanted["template_id"], "gpuIds": wanted["gpu_ids"],
+        "gpuCount": wanted["gpu_count"], "allowedCudaVersions": wanted["allowed_cuda_versions"],
+        "idleTimeout": wanted["idle_timeout"], "scalerType": wanted["scaler_type"],
+        "scalerValue": wanted["scaler_value"], "workersMin": wanted["workers_min"],
+        "workersMax": wanted["workers_max"], "executionTimeoutMs": config.execution_timeout_s * 1000,
+        "type": "LB",
+    }
+    if wanted["flashboot"]:
+        fields["flashBootType"] = "FLASHBOOT"
+    return fields
+
+
+def create_load_balancer(fields: dict, api_key: str) -> dict:
+    """saveEndpoint with `type: LB`, the way the SDK sends its queries (same URL and header)."""
+    url = os.environ.get("RUNPOD_API_BASE_URL", "https://api.runpod.io") + "/graphql"
+    response = requests.post(url, json={"query": SAVE_ENDPOINT, "variables": {"input": fields}},
+                             headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    if response.status_code == 401:
+        raise AuthenticationError("Unauthorized request, please check your API key.")
+    try:
+        body = response.json()
+    except ValueError:
+        raise QueryError(f"HTTP {response.status_code} from the GraphQL API") from None
+    if body.get("errors") or response.status_code >= 400:
+        messages = "; ".join(e.get("message", "?") for e in body.get("errors", [])) or str(body)
+        raise QueryError(messages)
+    return body["data"]["saveEndpoint"]
 
 
 def execution_timeout_note(config: EndpointConfig) -> str:
@@ -218,12 +298,16 @@ def drift(endpoint: dict, wanted: dict) -> list[str]:
 
 
 def dry_run(config: EndpointConfig, now: datetime) -> None:
+    endpoint = endpoint_request(config, "<id of the new template>")
+    if config.type == "load_balancer":
+        endpoint = load_balancer_input(endpoint, config)
     print(yaml.safe_dump({
         "template (create)": template_request(config, now),
         f"endpoint (create, or point the endpoint named {config.name!r} at the new template)":
-            endpoint_request(config, "<id of the new template>"),
+            endpoint,
     }, sort_keys=False), end="")
-    print(execution_timeout_note(config))
+    if config.type == "queue":
+        print(execution_timeout_note(config))
     print("dry run: nothing was sent to RunPod")
 
 
@@ -235,7 +319,10 @@ def deploy(config: EndpointConfig, api_key: str, now: datetime) -> str:
         template = runpod.create_template(**template_request(config, now))
         print(f"created template {template['name']} ({template['id']}) for {config.image}")
         wanted = endpoint_request(config, template["id"])
-        if existing is None:
+        if existing is None and config.type == "load_balancer":
+            endpoint_id = create_load_balancer(load_balancer_input(wanted, config), api_key)["id"]
+            print(f"created load-balancing endpoint {config.name} ({endpoint_id})")
+        elif existing is None:
             endpoint_id = runpod.create_endpoint(**wanted)["id"]
             print(f"created endpoint {config.name} ({endpoint_id})")
         else:
@@ -249,6 +336,10 @@ def deploy(config: EndpointConfig, api_key: str, now: datetime) -> str:
         raise DeployError(f"RunPod refused the request: {exc}") from exc
     except OSError as exc:  # requests' connection errors
         raise DeployError(f"cannot reach the RunPod API ({exc}): check the network and run again") from exc
+    if config.type == "load_balancer":
+        print(f"requests: https://{endpoint_id}.api.runpod.ai/v1/audio/speech (and /ping, "
+              "/v1/generate, /v1/audio/speech/stream)")
+        return endpoint_id
     print(execution_timeout_note(config))
     print(f"requests: https://api.runpod.ai/v2/{endpoint_id}/run")
     return endpoint_id

@@ -1,8 +1,8 @@
-"""The engine: text plus context in, watermarked 24 kHz speech out.
+"""The engine: text plus context in, 24 kHz speech out (the worker watermarks it).
 
 Everything heavy is loaded once (`Engine.load`). A request becomes a scheduler job (see
 scheduler.py): its prompt is built here, frames are drawn in the shared batched loop, Mimi
-decodes them as they come, and the finished audio is watermarked. `generate` waits for the
+decodes them as they come. `generate` waits for the
 whole result; `start` returns a running `Generation` whose audio blocks arrive as the loop
 produces them (the worker streams from it).
 
@@ -50,7 +50,6 @@ class GenerationRequest:
     temperature: float = 0.9
     topk: int = 50
     seed: int = 0
-    watermark_key: tuple[int, ...] | None = None
     # Further utterances spoken after `text`, each conditioned on everything before it.
     then: tuple[Utterance, ...] = ()
     # Benchmarks turn this off to time a fixed number of frames.
@@ -76,7 +75,6 @@ class GenerationResult:
     codes: Tensor  # [32, frames], all utterances
     stop_reason: str  # "end_of_speech", "max_length" (any utterance hit its limit), "cancelled"
     seed: int
-    watermarked: bool
     prompt_positions: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     sample_rate: int = SAMPLE_RATE
@@ -246,6 +244,13 @@ class Engine:
         prefix = next((p for s, p in self.prefixes if context and context[0] is s), None)
         return Conversation(self.tokenizer, context, self.max_positions, prefix)
 
+    def check(self, request: GenerationRequest) -> None:
+        """PromptTooLongError now if an utterance of `request` can't fit, even with no history
+        (a caller fitting its own history into the window asks this before `start`)."""
+        conversation = self.conversation(request.context)
+        for utterance in request.utterances:
+            conversation.check(utterance)
+
     @property
     def fault(self) -> DeviceFaultError | None:
         """Set once the device failed: every later job is refused; restart the process."""
@@ -266,27 +271,21 @@ class Engine:
         return self.finish(generation, blocks)
 
     def finish(self, generation: Generation, blocks: list[AudioBlock]) -> GenerationResult:
-        """Join the blocks, watermark the whole, and account for where the time went."""
+        """Join the blocks and account for where the time went."""
         request = generation.request
         generated = time.perf_counter()
         audio = torch.cat([b.audio for b in blocks]) if blocks else torch.zeros(0)
         codes = (torch.cat([b.codes for b in blocks], dim=1) if blocks
                  else torch.zeros(self.model.cfg.num_codebooks, 0, dtype=torch.long))
-        watermarked = False
-        if request.watermark_key is not None and self.watermarker is not None and audio.numel():
-            audio = self.watermarker.embed(audio, SAMPLE_RATE, request.watermark_key)
-            watermarked = True
         done = time.perf_counter()
         seconds = audio.shape[0] / SAMPLE_RATE
         total_ms = 1000 * (done - generation.started)
         timings = {
             "generate_ms": 1000 * (generated - generation.started),
             "first_audio_ms": generation.first_audio_ms or 0.0,
-            "watermark_ms": 1000 * (done - generated),
             "total_ms": total_ms,
             "real_time_factor": total_ms / 1000 / seconds if seconds else 0.0,
         }
         return GenerationResult(audio=audio.float().cpu(), codes=codes,
                                 stop_reason=generation.stop_reason(), seed=request.seed,
-                                watermarked=watermarked,
                                 prompt_positions=generation.prompt_positions, timings_ms=timings)

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="an audio file of the voice to clone")
     parser.add_argument("--reference-text", default="", help="what the reference says")
     parser.add_argument("--format", default="wav",
-                        choices=["wav", "flac", "ogg", "opus", "mp3", "pcm"])
+                        choices=["wav", "flac", "ogg", "opus", "mp3", "aac", "pcm"])
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--out", type=Path, required=True)

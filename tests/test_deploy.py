@@ -15,6 +15,7 @@ from builder import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "runpod.yaml"
+HTTP_CONFIG = ROOT / "runpod.http.yaml"
 SDK_FUNCTIONS = ("get_endpoints", "create_template", "create_endpoint", "update_endpoint_template")
 
 
@@ -37,6 +38,7 @@ def no_api(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in SDK_FUNCTIONS:
         monkeypatch.setattr(runpod, name, forbidden)
     monkeypatch.setattr(runpod.api.graphql, "run_graphql_query", forbidden)
+    monkeypatch.setattr(deploy.requests, "post", forbidden)
 
 
 class FakeSDK:
@@ -220,6 +222,107 @@ def test_api_refusal_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert err == "deploy: error: RunPod refused the request: Template name must be unique"
 
 
+# ---- the load-balancing endpoint (runpod.http.yaml) ---------------------------------------------
+def test_http_config_validates_and_sets_mode_and_ports(no_api: None) -> None:
+    config = deploy.load_config(HTTP_CONFIG)
+    assert (config.type, config.http.port, config.http.health) == ("load_balancer", 8000, 8000)
+    template = deploy.template_request(config, deploy.datetime(2026, 1, 2, 3, 4, 5))
+    assert template["ports"] == "8000/http"
+    env = template["env"]
+    assert (env["CSM_MODE"], env["PORT"], env["PORT_HEALTH"]) == ("http", "8000", "8000")
+    assert env["CSM_WATERMARK_KEY"] == "{{ RUNPOD_SECRET_csm_watermark_key }}"
+    data = yaml.safe_load(HTTP_CONFIG.read_text())
+    data["http"]["health_port"] = 8001
+    config = deploy.EndpointConfig.model_validate(data)
+    assert deploy.template_request(config, deploy.datetime.now())["ports"] == "8000/http,8001/http"
+    queue = deploy.template_request(deploy.load_config(CONFIG), deploy.datetime.now())
+    assert "ports" not in queue and "CSM_MODE" not in queue["env"]
+
+
+HTTP_INVALID = {
+    "queue scaler": (_set("scaler.type", "QUEUE_DELAY"), "scales by REQUEST_COUNT"),
+    "port by hand": (_set("env.PORT", "80"), "PORT: set from `type` and `http`"),
+    "mode by hand": (_set("env.CSM_MODE", "queue"), "CSM_MODE: set from `type` and `http`"),
+    "bad port": (_set("http.port", 70000), "http.port"),
+    "http on a queue endpoint": (_set("type", "queue"), "http: only for type load_balancer"),
+    "unknown type": (_set("type", "pod"), "type"),
+}
+
+
+@pytest.mark.parametrize("case", HTTP_INVALID, ids=list(HTTP_INVALID))
+def test_invalid_http_config_is_refused(case: str, tmp_path: Path, no_api: None,
+                                        capsys: pytest.CaptureFixture) -> None:
+    change, message = HTTP_INVALID[case]
+    data = yaml.safe_load(HTTP_CONFIG.read_text())
+    change(data)
+    assert deploy.main(["--config", str(write(tmp_path, data)), "--dry-run"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_http_dry_run_shows_a_load_balancer(no_api: None, capsys: pytest.CaptureFixture) -> None:
+    assert deploy.main(["--config", str(HTTP_CONFIG), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    template, endpoint = yaml.safe_load(out.split("\ndry run:")[0]).values()
+    assert template["ports"] == "8000/http" and template["env"]["CSM_MODE"] == "http"
+    assert (endpoint["type"], endpoint["scalerType"]) == ("LB", "REQUEST_COUNT")
+    assert endpoint["executionTimeoutMs"] == 330_000 and "execution timeout:" not in out
+
+
+class FakeGraphQL:
+    """RunPod's GraphQL API as requests.post sees it (the SDK cannot create this type)."""
+
+    def __init__(self, status: int = 200, body: dict | None = None) -> None:
+        self.status, self.body = status, body or {"data": {"saveEndpoint": {"id": "ep-lb"}}}
+        self.posts: list[dict] = []
+
+    def post(self, url: str, json: dict, headers: dict, timeout: float) -> object:
+        self.posts.append({"url": url, "json": json, "headers": headers})
+        status, body = self.status, self.body
+
+        class Reply:
+            status_code = status
+
+            @staticmethod
+            def json() -> dict:
+                return body
+
+        return Reply()
+
+
+def test_creates_a_load_balancing_endpoint(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    sdk, graphql = FakeSDK(endpoints=[]), FakeGraphQL()
+    sdk.install(monkeypatch)
+    monkeypatch.setattr(deploy.requests, "post", graphql.post)
+    monkeypatch.setenv("RUNPOD_API_KEY", "rp_test_key")
+    monkeypatch.delenv("RUNPOD_API_BASE_URL", raising=False)
+    assert deploy.main(["--config", str(HTTP_CONFIG)]) == 0
+    assert sdk.names() == ["get_endpoints", "create_template"]  # not the SDK's create_endpoint
+    assert sdk.kwargs("create_template")["ports"] == "8000/http"
+    (post,) = graphql.posts
+    assert post["url"] == "https://api.runpod.io/graphql"
+    assert post["headers"] == {"Authorization": "Bearer rp_test_key"}
+    assert "saveEndpoint(input: $input)" in post["json"]["query"]
+    fields = post["json"]["variables"]["input"]
+    assert (fields["type"], fields["templateId"], fields["scalerType"]) == (
+        "LB", "tpl-new", "REQUEST_COUNT")
+    assert fields["name"] == "csm-1b-tts-http" and fields["flashBootType"] == "FLASHBOOT"
+    out = capsys.readouterr().out
+    assert "created load-balancing endpoint csm-1b-tts-http (ep-lb)" in out
+    assert "https://ep-lb.api.runpod.ai/v1/audio/speech" in out
+
+
+def test_graphql_refusal_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    FakeSDK(endpoints=[]).install(monkeypatch)
+    graphql = FakeGraphQL(body={"errors": [{"message": "type LB is not enabled"}]})
+    monkeypatch.setattr(deploy.requests, "post", graphql.post)
+    monkeypatch.setenv("RUNPOD_API_KEY", "rp_test_key")
+    assert deploy.main(["--config", str(HTTP_CONFIG)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "deploy: error: RunPod refused the request: type LB is not enabled"
+
+
 def hub_file(name: str) -> dict:
     return json.loads((ROOT / ".runpod" / name).read_text())
 
@@ -239,12 +342,12 @@ def test_hub_listing_agrees_with_runpod_yaml() -> None:
 
 
 def test_hub_test_job_is_a_short_valid_generation() -> None:
-    from worker.schema import GenerateRequest, parse_request
+    from worker.schema import SpeechRequest, parse_request
     from worker.settings import Limits
 
     tests = hub_file("tests.json")
     assert tests["config"]["gpuCount"] == 1 and tests["tests"]
     for case in tests["tests"]:
         request = parse_request(case["input"], Limits())
-        assert isinstance(request, GenerateRequest)
+        assert isinstance(request, SpeechRequest)
         assert request.max_audio_length_ms is not None and request.max_audio_length_ms <= 5000

@@ -23,6 +23,7 @@ from csm.prompt import Segment
 from csm.sampling import noise_key
 from csm.scheduler import EngineClosedError
 from csm.testing.chaos import _edge_segment
+from worker_helpers import complete
 
 
 def finishes(fn, timeout: float = 60.0):
@@ -162,7 +163,7 @@ def test_the_worker_asks_for_a_restart_after_a_device_fault(engine, tmp_path):
     loop = asyncio.new_event_loop()
     try:
         for _ in range(2):  # the failing job, then a new one refused
-            items = loop.run_until_complete(worker.run_to_completion(
+            items = loop.run_until_complete(complete(worker,
                 {"text": "Hi.", "voice": "none", "max_audio_length_ms": 160}))
             assert items["refresh_worker"] is True and "restarts" in items["error"]
     finally:
@@ -233,7 +234,7 @@ def test_the_worker_builds_prompts_off_its_event_loop(tiny_model_dir):
     loop = asyncio.new_event_loop()
     try:
         loop_thread = loop.run_until_complete(_ident())
-        out = loop.run_until_complete(worker.run_to_completion(
+        out = loop.run_until_complete(complete(worker,
             {"text": "Off the loop. " * 30, "max_audio_length_ms": 160}))
     finally:
         loop.close()

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from worker.schema import FORMATS, VOICES
 from worker.service import Worker
 from worker.settings import load_settings
-from worker_helpers import audio_b64, b64, collect, imported_handler, run
+from worker_helpers import audio_b64, b64, collect, complete, imported_handler, run
 
 CAP_MS = 240
 LIMITS_ENV = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_TEXT_CHARS": "400",
@@ -143,8 +143,6 @@ def valid_payload(draw) -> dict:
                                       "response_format", "stream")}
     payload.update(draw(st.fixed_dictionaries({}, optional=optional)))
     payload["max_audio_length_ms"] = draw(st.integers(80, 160))
-    if payload.get("stream") and payload.get("response_format") in ("flac", "mp3"):
-        payload["response_format"] = "wav"
     if draw(st.integers(0, 3)) == 0:
         payload["context"] = [{"text": draw(valid_text), "speaker": draw(st.integers(0, 31)),
                                "audio_base64": draw(st.sampled_from(VALID_CLIPS))}]
@@ -217,7 +215,7 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
     def one_payload(case, whole):
         kind, payload = case
         if whole:
-            items = [run(loop, worker.run_to_completion(payload))]
+            items = [run(loop, complete(worker, payload))]
         else:
             items = run(loop, collect(worker, payload))
         outcome = check_answer(items, payload)
@@ -239,7 +237,7 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
     assert sum(v for k, v in stats.items() if k.endswith(":verify")) >= 3
     assert sum(v for k, v in stats.items() if k.endswith(":error")) >= total // 2
     # and the worker is still healthy afterwards
-    r = run(loop, worker.run_to_completion({"text": "After the storm.",
+    r = run(loop, complete(worker, {"text": "After the storm.",
                                             "max_audio_length_ms": 160, "seed": 1}))
     assert "error" not in r and r["duration_ms"] == 160
     deadline = loop.time() + 5
@@ -255,7 +253,7 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
      "context": [{"text": "\udfff", "speaker": 0, "audio_base64": CLIP_WAV}]},
 ])
 def test_lone_surrogates_are_refused_by_field(worker, loop, payload):
-    r = run(loop, worker.run_to_completion(payload))
+    r = run(loop, complete(worker, payload))
     assert set(r) == {"error"}
     assert not r["error"].startswith("internal error"), r["error"]
     assert "text" in r["error"]
@@ -289,3 +287,20 @@ def test_handler_functions_answer_every_job(handler_module, loop, case, with_inp
         assert "input must be a JSON object" in whole["error"]
     assert ("error" in whole) == ("error" in streamed[-1])
     assert handler_module.config.get("refresh_worker") is not True
+
+
+def test_handler_answers_openai_jobs(handler_module, loop):
+    """RunPod's /openai/v1 path: SSE strings when streamed, one native response otherwise."""
+    body = {"model": "csm-1b", "input": "Hi.", "voice": "none", "response_format": "pcm",
+            "stream_format": "sse", "max_audio_length_ms": 160, "seed": 1}
+    job = {"id": "oa", "input": {"openai_route": "/v1/audio/speech", "openai_input": body}}
+
+    async def stream_all():
+        return [item async for item in handler_module.stream_handler(job)]
+
+    events = run(loop, stream_all())
+    assert events and all(isinstance(e, str) and e.startswith("data: ") for e in events)
+    done = json.loads(events[-1][len("data: "):])
+    assert done["type"] == "speech.audio.done" and done["duration_ms"] == 160
+    whole = run(loop, handler_module.test_input_handler(job))
+    assert whole["format"] == "pcm" and whole["duration_ms"] == 160 and whole["seed"] == 1

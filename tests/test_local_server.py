@@ -28,7 +28,7 @@ LIMITS = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CONCURRENCY": "8",
           "CSM_MAX_TEXT_CHARS": "500", "CSM_LOG_LEVEL": "WARNING",
           "RUNPOD_LOG_LEVEL": "WARN"}  # the SDK logs every yield (base64 and all) at DEBUG
 RESPONSE = {"audio_base64", "format", "media_type", "sample_rate", "duration_ms", "frames",
-            "utterances", "seed", "stop_reason", "watermarked", "timings"}
+            "utterances", "seed", "stop_reason", "watermarked", "watermark_key_source", "timings"}
 
 
 @pytest.fixture(scope="module")

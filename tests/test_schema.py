@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.schema import (FORMATS, MAX_SEED, MAX_SPEAKER, VOICES, GenerateRequest,
+from worker.schema import (FORMATS, MAX_SEED, MAX_SPEAKER, VOICES, SpeechRequest,
                            RequestError, VerifyRequest, parse_request)
 from worker.settings import DEFAULT_MODEL_DIR, Limits, SettingsError, load_settings
 
@@ -33,7 +33,7 @@ def refused(payload, *needles: str, limits: Limits = LIMITS) -> str:
 # ---- happy paths -------------------------------------------------------------------------
 def test_minimal_request_gets_the_documented_defaults():
     r = ok({"text": "Hello."})
-    assert isinstance(r, GenerateRequest)
+    assert isinstance(r, SpeechRequest)
     assert (r.task, r.text, r.input, r.turns, r.words) == ("generate", "Hello.", None, None,
                                                          "Hello.")
     assert (r.speaker, r.voice, r.context, r.max_audio_length_ms, r.seed) == (
@@ -75,8 +75,6 @@ def test_turns():
 def test_field_accepts_its_whole_range(field, values):
     for value in values:
         payload = {"text": "Hi.", field: value}
-        if field == "response_format" and value == "flac":
-            payload["stream"] = False
         assert getattr(ok(payload), field) == value
 
 
@@ -221,14 +219,26 @@ def test_unknown_voice_lists_the_choices():
 
 
 def test_unknown_response_format_lists_the_choices():
-    message = refused({"text": "Hi.", "response_format": "aac"}, "response_format", "'aac'")
+    message = refused({"text": "Hi.", "response_format": "m4a"}, "response_format", "'m4a'")
     for fmt in FORMATS:
         assert f"'{fmt}'" in message
 
 
-def test_flac_cannot_be_streamed():
-    refused({"text": "Hi.", "response_format": "flac", "stream": True}, "response_format",
-            "flac cannot be streamed")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_can_be_streamed(fmt):
+    assert ok({"text": "Hi.", "response_format": fmt, "stream": True}).stream is True
+
+
+def test_watermark_fields_are_typed():
+    r = ok({"text": "Hi.", "watermark": False, "watermark_key": [0, 1, 2, 3, 255]})
+    assert (r.watermark, r.watermark_key) == (False, [0, 1, 2, 3, 255])
+    assert ok({"text": "Hi."}).watermark is None and ok({"text": "Hi."}).watermark_key is None
+    refused({"text": "Hi.", "watermark": "no"}, "watermark", "valid boolean")
+    refused({"text": "Hi.", "watermark_key": [1, 2, 3, 4]}, "watermark_key", "at least 5")
+    refused({"text": "Hi.", "watermark_key": [1, 2, 3, 4, 5, 6]}, "watermark_key", "at most 5")
+    refused({"text": "Hi.", "watermark_key": [1, 2, 3, 4, 256]}, "watermark_key[4]",
+            "less than or equal to 255")
+    refused({"text": "Hi.", "watermark_key": "1,2,3,4,5"}, "watermark_key", "valid list")
 
 
 def test_verify_refusals():

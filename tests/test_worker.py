@@ -19,14 +19,17 @@ from csm.text_split import split_text
 from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
 from worker.settings import load_settings
-from worker_helpers import (SAMPLE_RATE, SAMPLES_PER_FRAME, audio_b64, audio_file, b64,
-                            collect, decode_audio, decode_bytes, run, stream_wav_frames)
+from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_b64,
+                            audio_file, b64, collect, complete, decode_audio, decode_bytes,
+                            decode_with_ffmpeg, run, stream_wav_frames)
 
 CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, enough for three streamed chunks
 CONTEXT_SECONDS = 30
 REFERENCE_BYTES = 1_500_000
 SUMMARY = {"sample_rate", "duration_ms", "frames", "utterances", "seed", "stop_reason",
-           "watermarked", "timings"}
+           "watermarked", "watermark_key_source", "timings"}
+TIMINGS = {"first_audio_ms", "first_decoded_ms", "generate_ms", "watermark_ms", "encode_ms",
+           "total_ms", "real_time_factor", "load_ms"}
 RESPONSE = SUMMARY | {"audio_base64", "format", "media_type"}
 CHUNK = {"chunk_index", "sample_offset", "samples", "format", "sample_rate", "audio_base64",
          "final"}
@@ -79,11 +82,13 @@ def still_works(worker, loop):
 
 
 def check_length(r: dict, ms: int) -> np.ndarray:
-    """The response's audio decodes to exactly the announced length (and `ms` was asked)."""
+    """The response's audio decodes to the announced length (and `ms` was asked); AAC adds
+    its encoder's priming."""
     audio, rate = decode_audio(r)
     assert rate == r["sample_rate"] == SAMPLE_RATE
-    assert r["duration_ms"] == ms == 1000 * len(audio) / SAMPLE_RATE
-    assert r["frames"] * SAMPLES_PER_FRAME == len(audio)
+    assert r["duration_ms"] == ms and r["frames"] * SAMPLES_PER_FRAME == ms * 24
+    extra = len(audio) - ms * 24
+    assert 0 <= extra <= (PRIMING_SAMPLES["aac"] if r["format"] == "aac" else 0), extra
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
     return audio
 
@@ -97,17 +102,18 @@ def test_default_request(worker, loop):
     # no max_audio_length_ms: 3 s + 100 ms per character, clamped to the operator's limit
     check_length(r, CAP_MS)
     assert r["utterances"] == 1 and r["stop_reason"] == "max_length"
-    assert r["watermarked"] is True
+    assert r["watermarked"] is True and r["watermark_key_source"] == "deployment"
     assert 0 <= r["seed"] < 2**32
-    for key in ("generate_ms", "first_audio_ms", "watermark_ms", "total_ms",
-                "real_time_factor", "encode_ms", "load_ms"):
-        assert r["timings"][key] >= 0, key
-    assert r["timings"]["total_ms"] > 0 and r["timings"]["load_ms"] > 0
+    t = r["timings"]
+    assert set(t) == TIMINGS and all(v >= 0 for v in t.values()), t
+    assert t["total_ms"] > 0 and t["load_ms"] > 0 and t["watermark_ms"] > 0
+    # one meaning: decoded, then all generated, then the whole file ready (= the end)
+    assert t["first_decoded_ms"] <= t["generate_ms"] <= t["first_audio_ms"] <= t["total_ms"]
 
 
 @pytest.mark.parametrize("fmt,media", [("wav", "audio/wav"), ("flac", "audio/flac"),
                                        ("ogg", "audio/ogg"), ("opus", "audio/ogg; codecs=opus"),
-                                       ("mp3", "audio/mpeg"),
+                                       ("mp3", "audio/mpeg"), ("aac", "audio/aac"),
                                        ("pcm", "audio/L16; rate=24000; channels=1")])
 def test_every_response_format_decodes(worker, loop, fmt, media):
     r = good(worker, loop, {"text": "Formats.", "max_audio_length_ms": 240, "seed": 1,
@@ -329,11 +335,14 @@ def test_prompt_too_long_for_the_window(worker, loop):
     assert "shorten the context" in err
 
 
-@pytest.mark.parametrize("fmt", ["flac", "mp3"])
-def test_stream_with_a_header_written_last_is_refused(worker, loop, fmt):
-    payload = {"text": "Hi.", "stream": True, "response_format": fmt}
-    refused(worker, loop, payload, "response_format", f"{fmt} cannot be streamed")
-    assert "error" in run(loop, worker.run_to_completion(payload))
+def test_watermark_fields_are_refused_unless_the_operator_allows_them(worker, loop):
+    refused(worker, loop, {"text": "Hi.", "watermark": False}, "watermark:",
+            "CSM_ALLOW_WATERMARK_OVERRIDE")
+    refused(worker, loop, {"text": "Hi.", "watermark_key": [1, 2, 3, 4, 5]}, "watermark_key:",
+            "CSM_ALLOW_WATERMARK_OVERRIDE")
+    refused(worker, loop, {"task": "verify_watermark", "audio_base64": audio_b64(0.3),
+                           "watermark_key": [1, 2, 3, 4, 5]}, "watermark_key:",
+            "CSM_ALLOW_WATERMARK_OVERRIDE")
 
 
 # ---- verify_watermark ----------------------------------------------------------------------
@@ -406,7 +415,7 @@ def test_short_stream_is_one_final_chunk(worker, loop):
     assert len(stream_wav_frames(raw)) == 480 * 24
 
 
-@pytest.mark.parametrize("fmt", ["wav", "pcm", "ogg", "opus"])
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "ogg", "opus", "flac", "mp3", "aac"])
 def test_streamed_bytes_make_one_file_of_the_announced_length(worker, loop, fmt):
     payload = {"text": "Whole file.", "max_audio_length_ms": 1120, "seed": 4,
                "response_format": fmt}
@@ -415,17 +424,20 @@ def test_streamed_bytes_make_one_file_of_the_announced_length(worker, loop, fmt)
     raw = stream_bytes(items)
     total = items[-1]["sample_offset"] + items[-1]["samples"]
     assert total == 1120 * 24
-    audio, rate = decode_bytes(raw, fmt)
-    assert rate == SAMPLE_RATE and len(audio) == total
+    # FFmpeg's streams have no length header (FLAC says "unknown"): FFmpeg reads them
+    audio, rate = (decode_with_ffmpeg(raw) if fmt in ("flac", "mp3", "aac")
+                   else decode_bytes(raw, fmt))
+    assert rate == SAMPLE_RATE
+    assert 0 <= len(audio) - total <= PRIMING_SAMPLES.get(fmt, 0), (len(audio), total)
     if fmt == "wav":
         assert len(stream_wav_frames(raw)) == total
     if fmt == "pcm":
         assert len(raw) == 2 * total
 
 
-def test_run_to_completion_answers_a_streamed_request_whole(worker, loop):
-    r = run(loop, worker.run_to_completion({"text": "Whole.", "max_audio_length_ms": 240,
-                                            "seed": 6, "stream": True}))
+def test_run_without_streaming_answers_a_streamed_request_whole(worker, loop):
+    r = run(loop, complete(worker, {"text": "Whole.", "max_audio_length_ms": 240, "seed": 6,
+                                    "stream": True}))
     assert set(r) == RESPONSE
     check_length(r, 240)
 
@@ -480,7 +492,7 @@ def test_concurrent_jobs_equal_the_same_jobs_alone(worker, loop):
     alone = [good(worker, loop, p) for p in CONCURRENT]
 
     async def together():
-        return await asyncio.gather(*(worker.run_to_completion(p) for p in CONCURRENT))
+        return await asyncio.gather(*(complete(worker, p) for p in CONCURRENT))
 
     gathered = run(loop, together())
     for payload, solo, batched in zip(CONCURRENT, alone, gathered):
@@ -541,7 +553,7 @@ def test_closing_a_stream_frees_its_slot(worker, loop):
 
 def test_a_cancelled_task_frees_its_slot(worker, loop):
     async def cancel_mid_job():
-        task = asyncio.ensure_future(worker.run_to_completion(LONG_JOB))
+        task = asyncio.ensure_future(complete(worker, LONG_JOB))
         while not worker.engine.scheduler.active_jobs:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import soundfile as sf
 
@@ -57,10 +58,27 @@ def decode_audio(response: dict[str, Any]) -> tuple[np.ndarray, int]:
     return decode_bytes(raw, response["format"])
 
 
+# Encoders that add priming and padding a plain stream can't tell the decoder to trim
+# (no gapless tag): their decoded length is the true one plus up to this many samples.
+PRIMING_SAMPLES = {"aac": 2048, "mp3": 2304}
+
+
+def decode_with_ffmpeg(raw: bytes) -> tuple[np.ndarray, int]:
+    """Any file FFmpeg reads (ADTS AAC, and FLAC or MP3 streams without a length)."""
+    with av.open(io.BytesIO(raw)) as container:
+        (stream,) = container.streams.audio
+        assert stream.codec_context.channels == 1, "the worker answers in mono"
+        frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
+        rate = stream.codec_context.sample_rate
+    return np.concatenate(frames).astype(np.float32), rate
+
+
 def decode_bytes(raw: bytes, fmt: str) -> tuple[np.ndarray, int]:
     if fmt == "pcm":
         assert len(raw) % 2 == 0, "pcm must hold whole 16-bit samples"
         return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767, SAMPLE_RATE
+    if fmt == "aac":  # libsndfile has no AAC
+        return decode_with_ffmpeg(raw)
     data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     assert data.shape[1] == 1, "the worker answers in mono"
     return data[:, 0], rate
@@ -85,6 +103,13 @@ def stream_wav_frames(raw: bytes) -> np.ndarray:
 
 async def collect(worker: Any, payload: Any, **kwargs: Any) -> list[dict[str, Any]]:
     return [item async for item in worker.run(payload, **kwargs)]
+
+
+async def complete(worker: Any, payload: Any) -> dict[str, Any]:
+    """The whole response at once (streamed requests too), as `--test_input` answers."""
+    items = [item async for item in worker.run(payload, allow_stream=False)]
+    assert len(items) == 1, items
+    return items[0]
 
 
 def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:

@@ -1,7 +1,8 @@
 """Audio in and out of the worker: base64 files <-> mono float tensors, with soundfile.
 
 Reading accepts what libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3) at any rate,
-mono or stereo. Writing produces the `response_format` the caller asked for.
+mono or stereo. Writing produces the `response_format` the caller asked for: libsndfile for
+what it writes, FFmpeg (worker.ffmpeg_encoder) for AAC, which it does not.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import soundfile as sf
 import torch
 from torch import Tensor
 
-# format name -> (libsndfile container, subtype); pcm is raw little-endian 16-bit, no header.
+from .ffmpeg_encoder import ffmpeg_encode
+
+# format name -> (libsndfile container, subtype); pcm is raw little-endian 16-bit, no header;
+# aac is FFmpeg's.
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "PCM_16"),
     "flac": ("FLAC", "PCM_16"),
@@ -26,7 +30,7 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "pcm": ("RAW", "PCM_16"),
 }
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
-               "opus": "audio/ogg; codecs=opus", "mp3": "audio/mpeg",
+               "opus": "audio/ogg; codecs=opus", "mp3": "audio/mpeg", "aac": "audio/aac",
                "pcm": "audio/L16; rate=24000; channels=1"}
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference clip holds no voice to clone
 # One Mimi frame: anything shorter can't even be encoded as audio.
@@ -91,6 +95,8 @@ def pcm16(audio: Tensor) -> bytes:
 def encode_audio(audio: Tensor, sample_rate: int, fmt: str) -> bytes:
     if fmt == "pcm":
         return pcm16(audio)
+    if fmt not in OUTPUT_FORMATS:
+        return ffmpeg_encode(clipped_samples(audio), sample_rate, fmt)
     container, subtype = OUTPUT_FORMATS[fmt]
     buf = io.BytesIO()
     sf.write(buf, clipped_samples(audio), sample_rate, format=container, subtype=subtype)

@@ -15,15 +15,15 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       model_validator)
 
 from csm.sampling import MAX_TOPK
+from csm.watermark import KEY_LENGTH
 
 from .settings import Limits
-from .stream_encoder import STREAM_FORMATS
 
 # The built-in voices; a worker also accepts its own (worker/voices.py) and passes its list
 # to parse_request.
 VOICES = ("conversational_a", "conversational_b", "none")
 TASKS = ("generate", "verify_watermark", "list_voices")
-FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "pcm")
+FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "aac", "pcm")
 MAX_SPEAKER = 31
 MAX_SEED = 2**32 - 1
 
@@ -61,6 +61,9 @@ def _speakable(v: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_speakable)]
+# A SilentCipher key: 5 integers 0..255 (csm.watermark.parse_key's rule).
+WatermarkKey = Annotated[list[Annotated[StrictInt, Field(ge=0, le=255)]],
+                         Field(min_length=KEY_LENGTH, max_length=KEY_LENGTH)]
 
 
 class DialogueTurn(_Strict):
@@ -81,7 +84,10 @@ class ContextTurn(DialogueTurn):
     audio_base64: StrictStr = Field(min_length=1)
 
 
-class GenerateRequest(_Strict):
+class SpeechRequest(_Strict):
+    """What to say and how: the one request every front door builds (queue job, HTTP, OpenAI,
+    WebSocket) before the service plans it into the engine's `GenerationRequest`."""
+
     task: Literal["generate"] = "generate"
     text: Text | None = None
     input: Text | None = None  # alias of text, as OpenAI-style clients send it
@@ -93,8 +99,12 @@ class GenerateRequest(_Strict):
     temperature: Annotated[StrictFloat | StrictInt, Field(gt=0, le=2)] = 0.9
     topk: Annotated[StrictInt, Field(ge=1, le=MAX_TOPK)] = 50
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
-    response_format: Literal["wav", "flac", "ogg", "opus", "mp3", "pcm"] = "wav"
+    response_format: Literal["wav", "flac", "ogg", "opus", "mp3", "aac", "pcm"] = "wav"
     stream: StrictBool = False
+    # Per-request watermark control: refused unless the operator allows it (see
+    # worker.watermarking).
+    watermark: StrictBool | None = None
+    watermark_key: WatermarkKey | None = None
 
     @field_validator("voice", mode="before")
     @classmethod
@@ -105,7 +115,7 @@ class GenerateRequest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_text(self) -> "GenerateRequest":
+    def _one_text(self) -> "SpeechRequest":
         given = [name for name in ("text", "input", "turns") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, input (an alias of text) or turns"
@@ -114,10 +124,6 @@ class GenerateRequest(_Strict):
             raise ValueError("speaker: not allowed with turns (each turn has its speaker)")
         if self.turns is not None and not self.turns:
             raise ValueError("turns: must not be empty")
-        if self.stream and self.response_format not in STREAM_FORMATS:
-            raise ValueError(f"response_format: {self.response_format} cannot be streamed (its "
-                             f"header is written last); use {', '.join(STREAM_FORMATS)} with "
-                             "stream")
         words = self.text if self.text is not None else self.input
         if words is not None and not words.strip():
             raise ValueError("text: must not be empty")
@@ -131,13 +137,14 @@ class GenerateRequest(_Strict):
 class VerifyRequest(_Strict):
     task: Literal["verify_watermark"]
     audio_base64: StrictStr = Field(min_length=1)
+    watermark_key: WatermarkKey | None = None  # check for the caller's key (operator-gated)
 
 
 class ListVoicesRequest(_Strict):
     task: Literal["list_voices"]
 
 
-Request = GenerateRequest | VerifyRequest | ListVoicesRequest
+Request = SpeechRequest | VerifyRequest | ListVoicesRequest
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -172,17 +179,17 @@ def parse_request(payload: Any, limits: Limits, voices: Sequence[str] = VOICES) 
     if task not in TASKS:
         raise RequestError(f"task: must be one of {', '.join(repr(t) for t in TASKS)}, got {task!r}")
     model = {"verify_watermark": VerifyRequest, "list_voices": ListVoicesRequest}.get(
-        task, GenerateRequest)
+        task, SpeechRequest)
     try:
         request = model.model_validate(payload, context={"voices": voices})
     except ValidationError as e:
         raise RequestError(describe_errors(e.errors(include_url=False))) from None
-    if isinstance(request, GenerateRequest):
+    if isinstance(request, SpeechRequest):
         _check_limits(request, limits)
     return request
 
 
-def _check_limits(request: GenerateRequest, limits: Limits) -> None:
+def _check_limits(request: SpeechRequest, limits: Limits) -> None:
     texts = [request.words] if request.turns is None else [t.text for t in request.turns]
     name = "turns" if request.turns is not None else ("text" if request.text else "input")
     total = sum(len(t) for t in texts)

@@ -1,11 +1,13 @@
-"""The worker's jobs: request -> schema -> engine -> encoded response, and never a crash.
+"""The worker's service: request -> plan -> engine -> watermark -> encoded chunks, never a crash.
 
 Built once per process (`Worker.start`): the model is found (worker/model_source.py) and
 loads, and the voices (presets and your own, worker/voices.py) are Mimi-encoded and prefilled
-at start-up, so a job only pays for its own work. Jobs run concurrently on the
-asyncio loop; their frames are drawn together by the engine's batched scheduler, and the
-blocking steps of a job (decoding reference audio, watermarking, encoding files) run in
-threads so that one job never holds up another.
+at start-up, so a job only pays for its own work. Both front doors (the RunPod queue handler
+and the HTTP server) call the same API: `speak` makes the audio of a `SpeechRequest` as chunks
+ready to leave, `verify` checks a watermark, and `run` answers a queue job with the native JSON
+items. Jobs run concurrently on the asyncio loop; their frames are drawn together by the
+engine's batched scheduler, and the blocking steps of a job (planning it, decoding reference
+audio, watermarking, encoding files) run in threads so that one job never holds up another.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from csm.codec import SAMPLE_RATE
 from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, GenerationRequest,
@@ -25,14 +29,17 @@ from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, Genera
 from csm.prompt import Segment
 from csm.text_split import split_text
 
-from .audio_io import (AudioInputError, MEDIA_TYPES, decode_base64, encode_audio,
-                       read_audio, to_base64)
+from .audio_io import AudioInputError, decode_base64, encode_audio, read_audio
+from .chunk import Chunk
 from .model_source import find_model, load_engine
-from .schema import GenerateRequest, ListVoicesRequest, RequestError, VerifyRequest, parse_request
+from .responses import chunk_item, whole_response
+from .schema import ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest, parse_request
 from .settings import Settings
-from .stream_chunks import stream_items
+from .stream_encoder import StreamEncoder
+from .timings import Timer
 from .voices import (NO_VOICE, check_default, read_voices, register_voices, voice_list,
                      voices_folder)
+from .watermarking import Marking, Watermarking
 
 log = logging.getLogger("worker")
 
@@ -42,6 +49,8 @@ AUTO_MS_PER_CHAR = 100
 AUTO_MS_BASE = 3000
 # Longer text is spoken as pieces of about this many characters (see csm/text_split.py).
 PIECE_CHARS = 220
+# What a caller's mistake raises: answered with its message, the worker carries on.
+CALLER_ERRORS = (RequestError, AudioInputError, PromptTooLongError)
 
 
 class Worker:
@@ -49,6 +58,7 @@ class Worker:
         self.engine = engine
         self.settings = settings
         self.presets = presets
+        self.watermarking = Watermarking(engine.watermarker, settings)
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -65,9 +75,10 @@ class Worker:
         # SilentCipher) so that the first caller does not pay for them.
         started = time.perf_counter()
         default = settings.default_voice
-        engine.generate(GenerationRequest(
+        warm = engine.generate(GenerationRequest(
             text="Warming up.", context=(presets[default],) if default != NO_VOICE else (),
-            max_audio_length_ms=4 * 80, watermark_key=settings.watermark_key))
+            max_audio_length_ms=4 * 80))
+        engine.watermarker.embed(warm.audio, SAMPLE_RATE, settings.watermark_key)
         engine.startup_ms["warm_up"] = 1000 * (time.perf_counter() - started)
         if settings.watermark_key_is_public:
             log.warning("CSM_WATERMARK_KEY is unset: watermarking with CSM's public key, which "
@@ -78,35 +89,34 @@ class Worker:
                  settings.max_concurrency)
         return cls(engine, settings, presets)
 
-    # ---- entry points ------------------------------------------------------------------
-    async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
-        """A job's outputs: one response (or {"error"}), or stream chunks ending in a summary."""
-        try:
-            request = parse_request(payload, self.settings.limits, self.voice_names)
-            if isinstance(request, VerifyRequest):
-                yield await asyncio.to_thread(self.verify, request)
-                return
-            if isinstance(request, ListVoicesRequest):
-                yield voice_list(self.presets, self.settings.default_voice)
-                return
-            events: asyncio.Queue = asyncio.Queue()
-            generation = await self.start_generation(request, events)
-            try:
-                if request.stream and allow_stream:
-                    async for item in stream_items(self, request, generation, events):
-                        yield item
-                else:
-                    blocks = [block async for block in self.blocks(events)]
-                    yield await asyncio.to_thread(self.response, request, generation, blocks)
-            finally:
-                generation.cancel()  # a no-op once finished; frees the slot if we were cut off
-        except (RequestError, AudioInputError, PromptTooLongError) as e:
-            yield {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
-            yield self.failure(e)
+    # ---- the service API ---------------------------------------------------------------
+    async def speak(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
+                    history: tuple[Segment, ...] = (),
+                    encoder: StreamEncoder | None = None) -> AsyncIterator[Chunk]:
+        """The audio of `request`: one whole file, or (`stream`) chunks as they are marked.
 
-    async def start_generation(self, request: GenerateRequest,
-                               events: asyncio.Queue) -> Generation:
+        `fixed` replaces the request's own voice and context with segments encoded before (a
+        connection that speaks many times); `history` is earlier speech of the same
+        conversation, after them (the oldest dropped first when the window runs short);
+        `encoder` continues a stream the caller owns (one file across several requests) and
+        is left open. Caller mistakes raise (CALLER_ERRORS) before the first chunk. Closing
+        the iterator early cancels the job and frees its slot at once.
+        """
+        timer = Timer()
+        marking = self.watermarking.marking(request.watermark, request.watermark_key)
+        events: asyncio.Queue = asyncio.Queue()
+        generation = await self._start(request, fixed, history, events)
+        try:
+            make = self._stream if request.stream else self._whole
+            async with aclosing(make(request, generation, events, timer, marking,
+                                     encoder)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            generation.cancel()  # a no-op once finished; frees the slot if we were cut off
+
+    async def _start(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None,
+                     history: tuple[Segment, ...], events: asyncio.Queue) -> Generation:
         """Plan the job and queue it, in a thread: decoding reference audio, Mimi-encoding it
         and tokenising a long text must not hold up other jobs' streams on the event loop."""
         loop = asyncio.get_running_loop()
@@ -116,7 +126,7 @@ class Worker:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         started = asyncio.ensure_future(asyncio.to_thread(
-            lambda: self.engine.start(self.plan(request), deliver)))
+            lambda: self.engine.start(self.plan(request, fixed, history), deliver)))
         try:
             return await asyncio.shield(started)
         except asyncio.CancelledError:
@@ -125,17 +135,45 @@ class Worker:
                 lambda f: f.exception() is None and f.result().cancel())
             raise
 
-    async def run_to_completion(self, payload: Any) -> dict[str, Any]:
-        """The whole response at once (streamed requests too): for `--test_input`."""
-        result: dict[str, Any] = {}
-        async for item in self.run(payload, allow_stream=False):
-            result = item
-        return result
+    def verify(self, request: VerifyRequest) -> dict[str, Any]:
+        raw = decode_base64("audio_base64", request.audio_base64,
+                            self.settings.limits.max_reference_bytes)
+        audio, rate = read_audio("audio_base64", raw)
+        found = self.watermarking.verify(audio, rate, request.watermark_key)
+        return {"task": "verify_watermark", "watermarked": bool(found)}
 
-    @staticmethod
-    async def blocks(events: asyncio.Queue) -> AsyncIterator[AudioBlock]:
-        while (block := Generation.unpack(await events.get())) is not None:
-            yield block
+    async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """A native job's outputs (queue or HTTP): one response (or {"error"}), or stream
+        chunks ending in a summary."""
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            request = parse_request(payload, self.settings.limits, self.voice_names)
+            if isinstance(request, VerifyRequest):
+                yield await asyncio.to_thread(self.verify, request)
+                return
+            if isinstance(request, ListVoicesRequest):
+                yield voice_list(self.presets, self.settings.default_voice)
+                return
+            stream = request.stream and allow_stream
+            shape = chunk_item if stream else whole_response
+            request = request.model_copy(update={"stream": stream})
+            async with aclosing(self.speak(request)) as chunks:
+                async for chunk in chunks:
+                    yield shape(chunk, request.response_format)
+
+        async with aclosing(self.guarded(items())) as answers:
+            async for answer in answers:
+                yield answer
+
+    async def guarded(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A job's items, its failure ending them as one {"error"} item: never a raise."""
+        try:
+            async with aclosing(items):
+                async for item in items:
+                    yield item
+        except CALLER_ERRORS as e:
+            yield {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
+            yield self.failure(e)
 
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
@@ -159,12 +197,12 @@ class Worker:
         """What `voice` may name: every voice (presets and your own), and "none"."""
         return (*sorted(self.presets), NO_VOICE)
 
-    def voice(self, request: GenerateRequest) -> str:
+    def voice(self, request: SpeechRequest) -> str:
         """The voice in the prompt: as asked, else none with the caller's own context, else the
         default voice (CSM_DEFAULT_VOICE)."""
         return request.voice or (NO_VOICE if request.context else self.settings.default_voice)
 
-    def context_segments(self, request: GenerateRequest) -> tuple[Segment, ...]:
+    def context_segments(self, request: SpeechRequest) -> tuple[Segment, ...]:
         """The preset voice (if any) followed by the caller's own turns, Mimi-encoded."""
         voice = self.voice(request)
         segments = [] if voice == NO_VOICE else [self.presets[voice]]
@@ -183,14 +221,14 @@ class Worker:
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
         return tuple(segments)
 
-    def speaker(self, request: GenerateRequest) -> int:
+    def speaker(self, request: SpeechRequest) -> int:
         """Explicit speaker, else the voice's own, else 0."""
         if request.speaker is not None:
             return request.speaker
         voice = self.voice(request)
         return self.presets[voice].speaker if voice != NO_VOICE else 0
 
-    def utterances(self, request: GenerateRequest) -> list[Utterance]:
+    def utterances(self, request: SpeechRequest) -> list[Utterance]:
         """Every piece to speak, in order: long text and long turns split at sentences."""
         turns = ([(self.speaker(request), request.words)] if request.turns is None
                  else [(t.speaker, t.text) for t in request.turns])
@@ -203,46 +241,104 @@ class Worker:
                 out.append(Utterance(speaker, piece, ms))
         return out
 
-    def plan(self, request: GenerateRequest) -> GenerationRequest:
-        first, *rest = self.utterances(request)
-        return GenerationRequest(
-            text=first.text, speaker=first.speaker, then=tuple(rest),
-            max_audio_length_ms=first.max_audio_length_ms,
-            context=self.context_segments(request),
-            temperature=float(request.temperature), topk=request.topk,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
-            watermark_key=self.settings.watermark_key)
+    @staticmethod
+    def seeded(request: SpeechRequest) -> SpeechRequest:
+        """The request with its seed: the caller's, or a random one (reported back)."""
+        if request.seed is not None:
+            return request
+        return request.model_copy(update={"seed": secrets.randbelow(2**32)})
 
-    # ---- engine result -> response -----------------------------------------------------
-    def summary(self, generation: Generation, result_audio_ms: float, frames: int,
-                watermarked: bool, timings: dict[str, float]) -> dict[str, Any]:
-        timings = {k: round(v, 3) for k, v in timings.items()}
-        timings["load_ms"] = round(self.engine.load_ms, 3)
+    def plan(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
+             history: tuple[Segment, ...] = ()) -> GenerationRequest:
+        first, *rest = self.utterances(request)
+        context = self.context_segments(request) if fixed is None else fixed
+        seed = self.seeded(request).seed
+        recent = list(history)
+        while True:
+            plan = GenerationRequest(
+                text=first.text, speaker=first.speaker, then=tuple(rest),
+                max_audio_length_ms=first.max_audio_length_ms, context=context + tuple(recent),
+                temperature=float(request.temperature), topk=request.topk, seed=seed)
+            try:
+                self.engine.check(plan)
+                return plan
+            except PromptTooLongError:
+                if not recent:
+                    raise
+                recent.pop(0)  # the oldest of the conversation goes first
+
+    # ---- engine events -> chunks -------------------------------------------------------
+    @staticmethod
+    async def _blocks(events: asyncio.Queue, timer: Timer) -> AsyncIterator[AudioBlock]:
+        while (block := Generation.unpack(await events.get())) is not None:
+            timer.decoded()
+            yield block
+
+    async def _whole(self, request: SpeechRequest, generation: Generation,
+                     events: asyncio.Queue, timer: Timer, marking: Marking,
+                     _encoder: StreamEncoder | None) -> AsyncIterator[Chunk]:
+        blocks = [block async for block in self._blocks(events, timer)]
+        result = self.engine.finish(generation, blocks)
+
+        def mark_and_encode() -> bytes:
+            with timer.spending("watermark_ms"):
+                audio = self.watermarking.whole(marking, result.audio)
+            with timer.spending("encode_ms"):
+                return encode_audio(audio, SAMPLE_RATE, request.response_format)
+
+        data = await asyncio.to_thread(mark_and_encode)
+        timer.audio_ready()
+        samples = result.audio.shape[0]
+        yield Chunk(0, 0, samples, data, final=True, codes=result.codes,
+                    summary=self.summary(generation, samples, result.frames, marking, timer))
+
+    async def _stream(self, request: SpeechRequest, generation: Generation,
+                      events: asyncio.Queue, timer: Timer, marking: Marking,
+                      encoder: StreamEncoder | None) -> AsyncIterator[Chunk]:
+        """Watermarked chunks as the scheduler decodes them (whole periods of the key's
+        message, ~0.96 s each: see csm.watermark.WatermarkStream), then the rest."""
+        marker = self.watermarking.stream(marking)
+        owned = encoder is None
+        encoder = encoder or StreamEncoder(request.response_format, SAMPLE_RATE)
+        codes: list[Tensor] = []
+        index = offset = 0
+
+        def ready(mark: Callable[[], Tensor], last: bool) -> tuple[Tensor, bytes]:
+            with timer.spending("watermark_ms"):
+                audio = mark()
+            with timer.spending("encode_ms"):
+                data = encoder.push(audio) if audio.numel() else b""
+                if last and owned:
+                    data += encoder.close()
+            return audio, data
+
+        async for block in self._blocks(events, timer):
+            codes.append(block.codes)
+            audio, data = await asyncio.to_thread(ready, lambda: marker.push(block.audio), False)
+            if not audio.numel():
+                continue
+            timer.audio_ready()
+            yield Chunk(index, offset, audio.numel(), data)
+            index += 1
+            offset += audio.numel()
+        audio, data = await asyncio.to_thread(ready, marker.close, True)
+        timer.audio_ready()
+        samples = offset + audio.numel()
+        frames = sum(c.shape[1] for c in codes)
+        yield Chunk(index, offset, audio.numel(), data, final=True,
+                    codes=torch.cat(codes, dim=1) if codes else None,
+                    summary=self.summary(generation, samples, frames, marking, timer))
+
+    def summary(self, generation: Generation, samples: int, frames: int, marking: Marking,
+                timer: Timer) -> dict[str, Any]:
+        seconds = samples / SAMPLE_RATE
         return {
             "sample_rate": SAMPLE_RATE,
-            "duration_ms": round(result_audio_ms, 3),
+            "duration_ms": round(1000 * seconds, 3),
             "frames": frames,
             "utterances": len(generation.request.utterances),
             "seed": generation.request.seed,
             "stop_reason": generation.stop_reason(),
-            "watermarked": watermarked,
-            "timings": timings,
+            **marking.fields(samples > 0),
+            "timings": timer.report(seconds, self.engine.load_ms),
         }
-
-    def response(self, request: GenerateRequest, generation: Generation,
-                 blocks: list[AudioBlock]) -> dict[str, Any]:
-        result = self.engine.finish(generation, blocks)
-        start = time.perf_counter()
-        data = encode_audio(result.audio, result.sample_rate, request.response_format)
-        timings = dict(result.timings_ms, encode_ms=1000 * (time.perf_counter() - start))
-        return {"audio_base64": to_base64(data), "format": request.response_format,
-                "media_type": MEDIA_TYPES[request.response_format],
-                **self.summary(generation, result.duration_ms, result.frames,
-                               result.watermarked, timings)}
-
-    def verify(self, request: VerifyRequest) -> dict[str, Any]:
-        raw = decode_base64("audio_base64", request.audio_base64,
-                            self.settings.limits.max_reference_bytes)
-        audio, rate = read_audio("audio_base64", raw)
-        found = self.engine.watermarker.verify(audio, rate, self.settings.watermark_key)
-        return {"task": "verify_watermark", "watermarked": bool(found)}

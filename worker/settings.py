@@ -40,6 +40,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP mode's server (CSM_MODE=http); RunPod's load balancer sets PORT and PORT_HEALTH."""
+
+    host: str = "0.0.0.0"
+    port: int = 80
+    health_port: int = 80
+    # Requests beyond CSM_MAX_CONCURRENCY wait (at most this many, this long), then get 503.
+    max_queued: int = 8
+    queue_timeout_s: float = 30.0
+    # Request bodies and WebSocket messages (a base64 context clip is 4/3 of its bytes).
+    max_body_bytes: int = 12 * 1024 * 1024
+    # A client that reads nothing for this long is cut off and its job cancelled.
+    send_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     model_dir: Path | None  # CSM_MODEL_DIR; unset, the worker searches (worker/model_source.py)
     watermark_key: tuple[int, ...]
@@ -56,6 +72,9 @@ class Settings:
     download_cache: Path = Path("~/.cache/csm-runpod").expanduser()
     voices_dir: Path | None = None
     default_voice: str = DEFAULT_VOICE
+    mode: str = "queue"  # CSM_MODE: "queue" (RunPod's job queue) or "http" (worker.http_app)
+    allow_watermark_override: bool = False
+    http: HttpSettings = HttpSettings()
 
 
 _LIMIT_ENV = {f.name: f"CSM_{f.name.upper()}" for f in fields(Limits)}
@@ -104,7 +123,14 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         raise SettingsError(f"CSM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
     home = Path(env.get("HOME") or Path.home())
     hf_home = Path(env.get("HF_HOME") or home / ".cache" / "huggingface")
+
+    mode = env.get("CSM_MODE", "queue").strip().lower() or "queue"
+    if mode not in ("queue", "http"):
+        raise SettingsError(f"CSM_MODE must be queue or http, got {mode!r}")
     return Settings(
+        mode=mode,
+        allow_watermark_override=_flag(env, "CSM_ALLOW_WATERMARK_OVERRIDE"),
+        http=_http_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
         watermark_key=key,
         watermark_key_is_public=not raw_key,
@@ -126,6 +152,38 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 def _path(env: dict[str, str], name: str) -> Path | None:
     raw = env.get(name, "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+
+
+def _port(env: dict[str, str], name: str, default: int) -> int:
+    port = int(_number(env, name, default, int))
+    if port > 65535:
+        raise SettingsError(f"{name} must be a port number 1..65535, got {port}")
+    return port
+
+
+def _http_settings(env: dict[str, str]) -> HttpSettings:
+    d = HttpSettings()
+    port = _port(env, "PORT", d.port)
+    queued = env.get("CSM_MAX_QUEUED", "").strip()
+    if queued and not queued.isdigit():  # 0 is allowed: no waiting, straight to 503
+        raise SettingsError(f"CSM_MAX_QUEUED must be a whole number (0 or more), got {queued!r}")
+    return HttpSettings(
+        host=env.get("CSM_HOST") or d.host,
+        port=port,
+        health_port=_port(env, "PORT_HEALTH", port),  # RunPod: PORT_HEALTH defaults to PORT
+        max_queued=int(queued) if queued else d.max_queued,
+        queue_timeout_s=_number(env, "CSM_QUEUE_TIMEOUT_S", d.queue_timeout_s, float),
+        max_body_bytes=int(_number(env, "CSM_MAX_BODY_BYTES", d.max_body_bytes, int)),
+        send_timeout_s=_number(env, "CSM_SEND_TIMEOUT_S", d.send_timeout_s, float))
 
 
 def _redact(message: str) -> str:

@@ -17,12 +17,14 @@ log = logging.getLogger("worker")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def start_or_exit() -> tuple[Settings, Worker]:
+def start_or_exit() -> tuple[Settings, Worker | None]:
+    """The settings and, in queue mode, the started worker (http mode starts its own, after
+    its port is open: see worker.http_app)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         settings = load_settings()
         logging.getLogger().setLevel(settings.log_level)
-        return settings, Worker.start(settings)
+        return settings, Worker.start(settings) if settings.mode == "queue" else None
     except StartupError as e:
         log.debug("start-up failed", exc_info=True)
         log.error("the worker cannot start: %s", e)

@@ -6,8 +6,8 @@
 - ogg (Vorbis), opus (Ogg Opus): libsndfile's own encoder writing into memory; each chunk is
   the bytes it produced since the last one (Ogg emits whole pages, so a chunk can be empty
   until a page fills).
-FLAC and MP3 go back to the start of the file when it closes (FLAC's stream info, MP3's
-Xing/Info tag), so bytes already sent would be wrong: they cannot be streamed this way.
+- mp3, aac, flac: FFmpeg's encoders into a sink that can't seek (worker.ffmpeg_encoder), since
+  libsndfile's MP3 and FLAC writers rewrite the file's start when it closes and it has no AAC.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import soundfile as sf
 from torch import Tensor
 
 from .audio_io import OUTPUT_FORMATS, clipped_samples, pcm16
-
-STREAM_FORMATS = ("pcm", "wav", "ogg", "opus")
+from .ffmpeg_encoder import FFMPEG_FORMATS, FfmpegEncoder
 
 
 def wav_stream_header(sample_rate: int) -> bytes:
@@ -32,35 +31,44 @@ def wav_stream_header(sample_rate: int) -> bytes:
 
 class StreamEncoder:
     def __init__(self, fmt: str, sample_rate: int):
-        if fmt not in STREAM_FORMATS:
-            raise ValueError(f"{fmt} cannot be streamed; use one of {', '.join(STREAM_FORMATS)}")
         self.fmt = fmt
         self.sample_rate = sample_rate
         self.started = False
         self.buffer: io.BytesIO | None = None
         self.file: sf.SoundFile | None = None
+        self.ffmpeg: FfmpegEncoder | None = None
         self.sent = 0
-        if fmt in ("ogg", "opus"):
+        if fmt in FFMPEG_FORMATS:
+            self.ffmpeg = FfmpegEncoder(fmt, sample_rate)
+        elif fmt in ("ogg", "opus"):
             container, subtype = OUTPUT_FORMATS[fmt]
             self.buffer = io.BytesIO()
             self.file = sf.SoundFile(self.buffer, "w", samplerate=sample_rate, channels=1,
                                      format=container, subtype=subtype)
+        elif fmt not in ("pcm", "wav"):
+            raise ValueError(f"unknown format {fmt!r}")
 
     def push(self, audio: Tensor) -> bytes:
+        if self.ffmpeg is not None:
+            return self.ffmpeg.push(clipped_samples(audio))
         if self.file is None:
-            header = b"" if self.started or self.fmt == "pcm" else wav_stream_header(
-                self.sample_rate)
-            self.started = True
-            return header + pcm16(audio)
+            return self._header() + pcm16(audio)
         self.file.write(clipped_samples(audio))
         return self._new_bytes()
 
     def close(self) -> bytes:
+        if self.ffmpeg is not None:
+            return self.ffmpeg.close()
         if self.file is None:
-            return b"" if self.started or self.fmt == "pcm" else wav_stream_header(
-                self.sample_rate)
+            return self._header()
         self.file.close()
         return self._new_bytes()
+
+    def _header(self) -> bytes:
+        """The WAV header, once, before the first samples (or alone for an empty stream)."""
+        first = not self.started and self.fmt == "wav"
+        self.started = True
+        return wav_stream_header(self.sample_rate) if first else b""
 
     def _new_bytes(self) -> bytes:
         data = self.buffer.getvalue()
