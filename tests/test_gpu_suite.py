@@ -69,7 +69,7 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert worker["window_edge"]["last_position"] == 2046  # the window's last free position
     assert positive(worker["stream"]["stream_first_chunk_ms"]["median"])
     assert positive(worker["verify_watermark"]["ms"])
-    assert {"weights", "codec", "watermark", "presets", "warm_up"} <= set(worker["startup_ms"])
+    assert {"weights", "codec", "watermark", "voices", "warm_up"} <= set(worker["startup_ms"])
     assert 0 < worker["worker_start_s"] < worker["ready_after_process_start_s"]
     speed = parts["speed"]
     assert positive(speed["batch1"]["frames_per_s"]["median"])

@@ -18,7 +18,7 @@ from .context import Context
 
 SEED = 20261123
 # The CPU mode only keeps the part from rotting: tests/test_chaos.py is the full CPU run.
-JOBS = {"gpu": 300, "cpu": 30}
+JOBS = {"gpu": 300, "cpu": 8}
 
 
 def run(ctx: Context) -> None:
