@@ -39,12 +39,14 @@ def _positions(ids: list[int], codes: Tensor | None) -> int:
 
 class Conversation:
     def __init__(self, tokenizer: TextTokenizer, context: tuple[Segment, ...],
-                 max_positions: int, prefix: Prefix | None = None):
+                 max_positions: int, prefix: Prefix | None = None,
+                 history: tuple[Segment, ...] = ()):
         self.tokenizer = tokenizer
         self.max_positions = max_positions
         self.prefix = prefix  # the context's first turn, already prefilled (a preset voice)
         self.fixed = [(tokenizer.encode_turn(s.speaker, s.text), s.codes) for s in context]
-        self.history: list[tuple[list[int], Tensor]] = []
+        # Earlier turns that may be dropped, oldest first: given ones, then the job's own.
+        self.history = [(tokenizer.encode_turn(s.speaker, s.text), s.codes) for s in history]
         self._ids: dict[Utterance, list[int]] = {}
 
     def ids(self, utterance: Utterance) -> list[int]:

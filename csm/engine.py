@@ -45,7 +45,12 @@ __all__ = ["FRAME_MS", "AudioBlock", "DeviceFaultError", "Engine", "EngineClosed
 class GenerationRequest:
     text: str
     speaker: int = 0
+    # Always in the prompt: a voice, the caller's reference turns.
     context: tuple[Segment, ...] = ()
+    # Earlier speech of the same conversation (a WebSocket's previous sentences), after the
+    # context: dropped oldest first, with the job's own earlier utterances, when the window
+    # runs short.
+    history: tuple[Segment, ...] = ()
     max_audio_length_ms: int = 10_000
     temperature: float = 0.9
     topk: int = 50
@@ -109,7 +114,7 @@ class Generation:
         self.reasons: list[str] = []  # each finished utterance's stop reason
         self.started = time.perf_counter()
         self.first_audio_ms: float | None = None
-        self.conversation = engine.conversation(request.context)
+        self.conversation = engine.conversation(request.context, request.history)
         # Every utterance must fit on its own (history can be dropped, context can't):
         # refuse now, before any work, rather than after the first pieces were spoken.
         for utterance in request.utterances[1:]:
@@ -238,18 +243,12 @@ class Engine:
             [(self.tokenizer.encode_turn(segment.speaker, segment.text), segment.codes)], None)
         self.prefixes.append((segment, self.scheduler.compute_prefix(tokens, mask)))
 
-    def conversation(self, context: tuple[Segment, ...]) -> Conversation:
+    def conversation(self, context: tuple[Segment, ...],
+                     history: tuple[Segment, ...] = ()) -> Conversation:
         """A job's prompt builder; a context that starts with a registered voice reuses its
         prefilled keys and values."""
         prefix = next((p for s, p in self.prefixes if context and context[0] is s), None)
-        return Conversation(self.tokenizer, context, self.max_positions, prefix)
-
-    def check(self, request: GenerationRequest) -> None:
-        """PromptTooLongError now if an utterance of `request` can't fit, even with no history
-        (a caller fitting its own history into the window asks this before `start`)."""
-        conversation = self.conversation(request.context)
-        for utterance in request.utterances:
-            conversation.check(utterance)
+        return Conversation(self.tokenizer, context, self.max_positions, prefix, history)
 
     @property
     def fault(self) -> DeviceFaultError | None:

@@ -17,6 +17,7 @@ import torch
 
 from csm.checkpoint import load_model
 from csm.engine import Engine, GenerationRequest, PromptTooLongError, Utterance
+from csm.prompt import Segment
 from csm.model import SamplingState
 from csm.scheduler import CHECK_EVERY
 
@@ -145,6 +146,19 @@ def test_history_is_dropped_oldest_first_to_fit_the_window(engine):
     assert len(piece_small.tokens) < len(piece.tokens)  # older turns were dropped
     # The newest turns are the ones kept: the prompt ends with turn 2's audio, then "now".
     assert torch.equal(piece_small.tokens[-4], piece.tokens[-4])
+
+
+def test_given_history_is_dropped_oldest_first_and_the_job_runs(engine):
+    """A conversation's earlier turns (a WebSocket's sentences) that overflow the window."""
+    history = tuple(Segment(0, f"turn {i}", torch.full((32, 300), i + 1)) for i in range(8))
+    generation = engine.start(GenerationRequest(text="now", history=history,
+                                                max_audio_length_ms=160, seed=3))
+    result = engine.finish(generation, list(generation.blocks()))
+    assert result.frames == 2
+    tokens = generation.job.piece.tokens
+    assert 1800 < len(tokens) < 2048 - 2
+    kept = set(tokens[:, 0].tolist()) - {0}  # codebook 0 of the kept turns' frames
+    assert kept == {3, 4, 5, 6, 7, 8}  # the newest six turns fit; the oldest went first
 
 
 def test_multi_utterance_job_is_continuous_across_pieces(engine, voice):

@@ -235,12 +235,15 @@ def test_the_worker_builds_prompts_off_its_event_loop(tiny_model_dir):
     try:
         loop_thread = loop.run_until_complete(_ident())
         out = loop.run_until_complete(complete(worker,
-            {"text": "Off the loop. " * 30, "max_audio_length_ms": 160}))
+            {"text": " ".join(f"Sentence {i} is off the loop." for i in range(20)),
+             "max_audio_length_ms": 160}))
     finally:
         loop.close()
         worker.engine.close()
     assert "error" not in out and out["utterances"] > 1
     assert threads and loop_thread not in threads
+    # Tokenised once per job: the preset voice's transcript and each piece of the text.
+    assert len(threads) == 1 + out["utterances"]
 
 
 async def _ident() -> int:

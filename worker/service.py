@@ -253,19 +253,10 @@ class Worker:
         first, *rest = self.utterances(request)
         context = self.context_segments(request) if fixed is None else fixed
         seed = self.seeded(request).seed
-        recent = list(history)
-        while True:
-            plan = GenerationRequest(
-                text=first.text, speaker=first.speaker, then=tuple(rest),
-                max_audio_length_ms=first.max_audio_length_ms, context=context + tuple(recent),
-                temperature=float(request.temperature), topk=request.topk, seed=seed)
-            try:
-                self.engine.check(plan)
-                return plan
-            except PromptTooLongError:
-                if not recent:
-                    raise
-                recent.pop(0)  # the oldest of the conversation goes first
+        return GenerationRequest(
+            text=first.text, speaker=first.speaker, then=tuple(rest),
+            max_audio_length_ms=first.max_audio_length_ms, context=context, history=history,
+            temperature=float(request.temperature), topk=request.topk, seed=seed)
 
     # ---- engine events -> chunks -------------------------------------------------------
     @staticmethod
