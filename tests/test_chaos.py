@@ -12,7 +12,7 @@ from csm.engine import Engine
 from csm.testing.chaos import run_chaos
 
 SEED = int(os.environ.get("CSM_CHAOS_SEED", "20261123"))
-JOBS = int(os.environ.get("CSM_CHAOS_JOBS", "90"))
+JOBS = int(os.environ.get("CSM_CHAOS_JOBS", "60"))
 
 
 @pytest.fixture(scope="module")

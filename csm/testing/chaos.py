@@ -121,6 +121,9 @@ def make_specs(engine: Engine, voice: Segment, seed: int, jobs: int) -> list[Spe
         kind = rng.random()
         then: tuple[Utterance, ...] = ()
         if kind < 0.12:  # one piece only: the context fills the window for this piece
+            # Short, so that its last block likely has neighbours with more frames to draw:
+            # a row stepped past its own budget would then leave the window.
+            frames = rng.choice((1, 2, 5))
             context: tuple[Segment, ...] = (_edge_segment(engine, text, speaker, frames, rng),)
         else:
             context = (voice,) if kind < 0.6 else ()
