@@ -32,7 +32,7 @@ LIMITS_ENV = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_TEXT_CHARS": "400
               "CSM_MAX_CONTEXT_TURNS": "2", "CSM_MAX_CONTEXT_SECONDS": "2",
               "CSM_MAX_REFERENCE_BYTES": "200000", "CSM_MAX_TURNS": "3",
               "CSM_MAX_CONCURRENCY": "2", "CSM_DEVICE": "cpu"}
-FUZZ = settings(max_examples=2000, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
 
@@ -168,7 +168,7 @@ def mutated(draw) -> dict:
 
 def pick(choice: int) -> st.SearchStrategy:
     # one in 40 is built valid and most mutated ones are refused: valid generations stay
-    # around one example in twenty, so that 2000 examples run in about a minute
+    # around one example in twenty, so that 1500 examples run in under a minute
     if choice == 0:
         return st.tuples(st.just("valid"), valid_payload())
     if choice <= 4:
@@ -206,7 +206,7 @@ def check_answer(items: list, payload) -> str:
 
 
 def test_every_payload_gets_one_well_formed_answer(worker, loop):
-    """The property over 2000 payloads, then a guard on the fuzzing itself: it generated
+    """The property over 1500 payloads, then a guard on the fuzzing itself: it generated
     audio, streamed, verified and refused (one test, so it holds however it is selected)."""
     stats: Counter = Counter()
 
@@ -230,7 +230,7 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
     one_payload()
     print(dict(stats))
     total = sum(stats.values())
-    assert total >= 2000
+    assert total >= 1500
     generated = sum(v for k, v in stats.items() if k.endswith((":audio", ":stream")))
     assert generated >= 20 and stats["valid:audio"] >= 10
     assert sum(v for k, v in stats.items() if k.endswith(":stream")) >= 3
