@@ -253,7 +253,7 @@ class Engine:
     @property
     def fault(self) -> DeviceFaultError | None:
         """Set once the device failed: every later job is refused; restart the process."""
-        return self.scheduler.fault
+        return self.scheduler.fault if self.scheduler is not None else None
 
     def start(self, request: GenerationRequest,
               deliver: Callable[[object], None] | None = None) -> Generation:
