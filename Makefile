@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/csm-1b
 
-.PHONY: setup test run serve serve-http tiny bench weights image image-slim deploy-dry-run gpu-check
+.PHONY: setup test run serve serve-http tiny bench weights image image-slim deploy-dry-run gpu-check gpu-wheels
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ GPU_SUITE_OUT ?= gpu-suite-report
 GPU_SUITE_FLAGS ?=
 gpu-check:
 	$(PYTHON) -m bench.gpu_suite --out $(GPU_SUITE_OUT) $(GPU_SUITE_FLAGS)
+
+# The wheels gpu-check needs on a lent GPU machine that has no registry, fetched here into .whl/
+# (bench/gpu_suite/wheels.sh; carry .whl there).
+gpu-wheels:
+	bash bench/gpu_suite/wheels.sh .whl
 
 # The real model folder (gated: accept the license at https://huggingface.co/sesame/csm-1b and
 # export HF_TOKEN), with the CSM weights converted to bfloat16 as in the image.

@@ -224,7 +224,7 @@ def main() -> None:
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny(Path(tmp), cfg=cfg, full_size_mimi=args.shapes == "csm-1b")
+        folder = make_tiny(Path(tmp), cfg=cfg, full_size_codecs=args.shapes == "csm-1b")
         start = time.perf_counter()
         with Engine.load(folder, device=device, max_batch=max(levels)) as engine:
             sync(device)

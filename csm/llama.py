@@ -56,6 +56,23 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rope.unsqueeze(2)).flatten(3).type_as(x)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its random init: CSM's weights always come from a checkpoint (or a
+    test fixture's own draw). The init is not just wasted work: on the meta device, where
+    checkpoint.py builds the model, it runs through torch's Python reference kernels, whose
+    first use imports torch._dynamo, seconds of every worker's start-up."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random init (see Linear)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -70,10 +87,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
-        self.output_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.output_proj = Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
         self.wqkv: Tensor | None = None  # see fuse()
@@ -106,9 +123,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w1 = Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w3 = Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.w13: Tensor | None = None  # see fuse()
 
     def fuse(self) -> None:

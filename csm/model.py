@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CSMConfig
-from .llama import Transformer
+from .llama import Embedding, Linear, Transformer
 from .sampling import gumbel_noise, sample_topk
 
 
@@ -39,11 +39,11 @@ class CSM(nn.Module):
         self.cfg = cfg
         self.backbone = Transformer(cfg.backbone)
         self.decoder = Transformer(cfg.decoder)
-        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, cfg.backbone.dim)
-        self.audio_embeddings = nn.Embedding(cfg.audio_vocab_size * cfg.num_codebooks,
+        self.text_embeddings = Embedding(cfg.text_vocab_size, cfg.backbone.dim)
+        self.audio_embeddings = Embedding(cfg.audio_vocab_size * cfg.num_codebooks,
                                              cfg.backbone.dim)
-        self.projection = nn.Linear(cfg.backbone.dim, cfg.decoder.dim, bias=False)
-        self.codebook0_head = nn.Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
+        self.projection = Linear(cfg.backbone.dim, cfg.decoder.dim, bias=False)
+        self.codebook0_head = Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
         self.audio_head = nn.Parameter(
             torch.empty(cfg.num_codebooks - 1, cfg.decoder.dim, cfg.audio_vocab_size))
         self.init_buffers(torch.device("cpu"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import time
@@ -17,14 +19,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.gpu_suite.device_machine import ABSENT, CARRIED, CARRIED_FOR_COMPARISON, IN_IMAGE
 from bench.gpu_suite.parts import GPU_RUN_LIMIT_S, PARTS, STOP_GRACE_S, default_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def import_blocker(folder: Path) -> dict[str, str]:
+    """An environment whose Python processes can't import what the GPU machine lacks (a None
+    entry in sys.modules makes `import name` raise ModuleNotFoundError)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({sorted(ABSENT.values())!r}))\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def suite(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CPU mode, as on the GPU machine: without the modules it lacks."""
     return subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--cpu", "--out", str(out),
-                           *args], cwd=REPO, capture_output=True, text=True, timeout=590)
+                           *args], cwd=REPO, env=import_blocker(out / "blocked-imports"),
+                          capture_output=True, text=True, timeout=590)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +133,32 @@ def test_a_part_over_its_limit_is_stopped_and_reported_as_timed_out(tmp_path):
 def test_the_default_gpu_run_fits_in_eight_minutes_with_every_part_stopped_late():
     assert sum(p.limit_s["gpu"] + STOP_GRACE_S for p in default_parts()) <= GPU_RUN_LIMIT_S
     assert all(set(p.limit_s) == {"gpu", "cpu"} for p in PARTS.values())
+
+
+def test_every_requirement_is_on_the_gpu_machine_or_blocked_in_the_cpu_mode():
+    """A new runtime requirement must say whether the GPU machine has it; if not, the CPU-mode
+    run above blocks its import, so the suite is known to run without it."""
+    def requirements(*files: str) -> set[str]:
+        lines = [line for name in files for line in (REPO / name).read_text().splitlines()]
+        return {re.split(r"[=<>\[ ]", line)[0].lower().replace("-", "_")
+                for line in lines if line.strip() and not line.startswith("#")}
+
+    runtime = requirements("requirements.txt", "requirements-nodeps.txt")
+    classified = IN_IMAGE | CARRIED | set(ABSENT)
+    assert not IN_IMAGE & CARRIED and not (IN_IMAGE | CARRIED) & set(ABSENT)
+    assert runtime == classified, runtime ^ classified
+    assert CARRIED_FOR_COMPARISON <= requirements("requirements-dev.txt")
+
+
+def test_the_import_blocker_blocks_only_what_the_gpu_machine_lacks(tmp_path):
+    """Else the CPU-mode run would pass vacuously: PyAV (FFmpeg's formats) is blocked, the
+    worker's service still imports, and the encoder that needs PyAV says so."""
+    code = ("import worker.service\n"
+            "print('the service imported')\n"
+            "from worker.ffmpeg_encoder import FfmpegEncoder\n"
+            "FfmpegEncoder('mp3', 24000)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, env=import_blocker(tmp_path))
+    assert run.returncode == 1 and run.stdout == "the service imported\n", run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: import of av"), \
+        run.stderr

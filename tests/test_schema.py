@@ -276,6 +276,12 @@ def test_context_turns_limit():
     refused({"text": "Hi.", "context": [CTX] * 3}, "context: 3 turns", "the limit is 2")
 
 
+def test_context_turn_text_limit():
+    ok({"text": "Hi.", "context": [CTX, dict(CTX, text="x" * 100)]})
+    refused({"text": "Hi.", "context": [CTX, dict(CTX, text="x" * 101)]},
+            "context[1].text: 101 characters", "the limit is 100")
+
+
 @pytest.mark.parametrize("payload", [None, "Hello", 5, ["text"], True, 1.5])
 def test_input_must_be_an_object(payload):
     refused(payload, "input must be a JSON object", type(payload).__name__)

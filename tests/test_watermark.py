@@ -215,6 +215,20 @@ def test_random_checkpoints_have_the_real_sizes(model_dir: Path) -> None:
         assert abs(size - real_bytes) <= 0.1 * real_bytes, (name, size, real_bytes)
 
 
+def test_the_light_checkpoint_loads_with_its_own_layer_counts(tmp_path: Path,
+                                                                clip_24k: torch.Tensor) -> None:
+    """Tests' tiny model folders carry the light model: silentcipher builds it from its
+    hparams.yaml like the real one, with the same framing, at a fraction of the weights."""
+    write_random_silentcipher(tmp_path, light=True)
+    light = Watermarker.load(tmp_path, device="cpu")
+    model = light._model
+    assert len(model.enc_c.main) == 2 and len(model.dec_c.main) == 2
+    assert (tmp_path / "dec_c.ckpt").stat().st_size < 0.5 * REAL_CHECKPOINT_BYTES["dec_c.ckpt"]
+    marked = light.embed(clip_24k, 24000, CSM_PUBLIC_KEY)
+    assert marked.shape == clip_24k.shape and torch.isfinite(marked).all()
+    assert not torch.equal(marked, clip_24k)
+
+
 def _marked_stream(watermarker: Watermarker, audio: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     stream = watermarker.stream(24_000, (9, 8, 7, 6, 5))
     out = [stream.push(audio[i:i + chunk]) for i in range(0, audio.shape[0], chunk)]

@@ -329,9 +329,11 @@ def test_reference_bytes_add_up_over_turns(worker, loop):
 
 
 def test_prompt_too_long_for_the_window(worker, loop):
-    # 20 s of audio (250 frames) and a long transcript: well over 2048 positions
-    long_turn = ctx(audio_b64(20, 8000), "and then we talked about it for a long time " * 200)
-    err = refused(worker, loop, job(long_turn), "positions", "2048", "max_audio_length_ms=160")
+    # 20 s of audio (250 frames) and long transcripts (each within the text limit): well over
+    # 2048 positions
+    words = "and then we talked about it for a long time " * 66
+    turns = [ctx(audio_b64(20, 8000), words)] + [ctx(audio_b64(0.2, 8000), words)] * 2
+    err = refused(worker, loop, job(*turns), "positions", "2048", "max_audio_length_ms=160")
     assert "shorten the context" in err
 
 

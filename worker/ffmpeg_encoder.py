@@ -10,8 +10,12 @@ milliseconds of silence to MP3 and AAC.
 
 from __future__ import annotations
 
-import av
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
 
 # format -> (FFmpeg muxer, encoder, bit rate or None for lossless)
 FFMPEG_FORMATS: dict[str, tuple[str, str, int | None]] = {
@@ -39,7 +43,13 @@ class _Sink:
 
 class FfmpegEncoder:
     def __init__(self, fmt: str, sample_rate: int):
+        # Imported on first use, not with the module: the GPU suite runs the worker on a
+        # machine that can't install PyAV (no registry, and its wheel is too large to carry),
+        # and only these three formats need it. The image and requirements.txt always have it.
+        import av
+
         muxer, codec, bit_rate = FFMPEG_FORMATS[fmt]
+        self.av = av
         self.sample_rate = sample_rate
         self.sink = _Sink()
         self.container = av.open(self.sink, mode="w", format=muxer)
@@ -50,7 +60,7 @@ class FfmpegEncoder:
     def push(self, samples: np.ndarray) -> bytes:
         """Float32 samples in [-1, 1] -> the bytes the muxer wrote for them (maybe none yet)."""
         if samples.size:
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :]),
+            frame = self.av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :]),
                                                format="flt", layout="mono")
             frame.sample_rate = self.sample_rate
             self._mux(frame)

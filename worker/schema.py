@@ -200,6 +200,12 @@ def _check_limits(request: SpeechRequest, limits: Limits) -> None:
     if len(request.context) > limits.max_context_turns:
         raise RequestError(f"context: {len(request.context)} turns; the limit is "
                            f"{limits.max_context_turns}")
+    # A context turn's words are tokenised into the prompt like the text's, so they share its
+    # limit (per turn: the audio, not the words, is what a voice clone needs much of).
+    for i, turn in enumerate(request.context):
+        if len(turn.text) > limits.max_text_chars:
+            raise RequestError(f"context[{i}].text: {len(turn.text)} characters; the limit is "
+                               f"{limits.max_text_chars}")
     ms = request.max_audio_length_ms
     if ms is not None and ms > limits.max_audio_length_ms:
         raise RequestError(f"max_audio_length_ms: {ms}; the limit is "

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import report
 from .modes import MODES
 from .parts import PARTS, default_parts
-from .runner import not_run, run_part
+from .runner import not_run, run_parts
 
 
 def parse_limits(values: list[str]) -> dict[str, float]:
@@ -79,18 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             no_device = ("no CUDA device here (torch.cuda.is_available() is False); --cpu runs "
                          "the CPU mode")
-    results = []
+    limits = {part.name: overrides.get(part.name, part.limit_s[mode.name]) for part in parts}
     try:
-        for part in parts:
-            limit = overrides.get(part.name, part.limit_s[mode.name])
-            if no_device:
-                results.append(not_run(part, limit, no_device))
-                continue
-            print(f"[gpu_suite] {part.name}: running (limit {limit:g} s)", flush=True)
-            result = run_part(part, mode, work, args.out, limit)
-            print(f"[gpu_suite] {part.name}: {result['status']} in {result['elapsed_s']:.1f} s"
-                  + (f": {result['reason']}" if result.get("reason") else ""), flush=True)
-            results.append(result)
+        results = ([not_run(part, limits[part.name], no_device) for part in parts] if no_device
+                   else run_parts(parts, mode, work, args.out, limits))
     finally:
         if args.work is None and not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)

@@ -26,7 +26,7 @@ def run(ctx: Context) -> None:
         partial = folder.with_name(f"{shapes}.partial")  # never mistaken for a finished one
         shutil.rmtree(partial, ignore_errors=True)
         start = time.perf_counter()
-        make_tiny(partial, cfg=SHAPES[shapes], full_size_mimi=shapes == "csm-1b")
+        make_tiny(partial, cfg=SHAPES[shapes], full_size_codecs=shapes == "csm-1b")
         partial.rename(folder)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         ctx.record(**{shapes: {"build_s": time.perf_counter() - start,

@@ -26,6 +26,10 @@ class Mode:
     # torch intra-op threads (None: torch's default). On a 2-core CI machine the loop thread
     # and the caller share the cores; one thread each avoids oversubscription.
     threads: int | None
+    # How many parts run at once once the model folders exist. One on a GPU: the speed
+    # figures need the device to themselves. Two on CI's two cores: the CPU mode's figures are
+    # only checked for sanity, and side by side the suite stays under a minute there.
+    side_by_side: int
 
     @property
     def describe(self) -> str:
@@ -37,8 +41,8 @@ class Mode:
 MODES = {
     "gpu": Mode(name="gpu", device="cuda", shapes=("tiny", "csm-1b"), main_shapes="csm-1b",
                 graphs=True, speed_dtype="bfloat16", frames=128, reps=3,
-                concurrency=(1, 8, 32, 64), job_ms=2000, threads=None),
+                concurrency=(1, 8, 32, 64), job_ms=2000, threads=None, side_by_side=1),
     "cpu": Mode(name="cpu", device="cpu", shapes=("tiny",), main_shapes="tiny",
                 graphs=False, speed_dtype="float32", frames=12, reps=1,
-                concurrency=(1, 4), job_ms=320, threads=1),
+                concurrency=(1, 4), job_ms=320, threads=1, side_by_side=2),
 }

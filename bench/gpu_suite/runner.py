@@ -2,6 +2,8 @@
 
 A part that overruns is stopped (its whole process group: SIGTERM, then SIGKILL) and reported
 as "timed out" with whatever it had recorded and the step it was in, and the suite goes on.
+The parts that build what the others read run first, one at a time; the others then run
+`mode.side_by_side` at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,29 @@ from .parts import STOP_GRACE_S, Part
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_TAIL_CHARS = 2000
+
+
+def run_parts(parts: list[Part], mode: Mode, work: Path, out: Path,
+              limits: dict[str, float]) -> list[dict[str, Any]]:
+    """Every part's result, in the order of `parts`; `limits`: part name -> seconds."""
+    results: dict[str, dict[str, Any]] = {}
+
+    def run_one(part: Part) -> None:
+        limit = limits[part.name]
+        print(f"[gpu_suite] {part.name}: running (limit {limit:g} s)", flush=True)
+        result = results[part.name] = run_part(part, mode, work, out, limit)
+        print(f"[gpu_suite] {part.name}: {result['status']} in {result['elapsed_s']:.1f} s"
+              + (f": {result['reason']}" if result.get("reason") else ""), flush=True)
+
+    for part in parts:
+        if part.builds:
+            run_one(part)
+    # Longest first (by limit), so that side by side the lanes end close together.
+    rest = sorted((part for part in parts if not part.builds),
+                  key=lambda part: -limits[part.name])
+    with ThreadPoolExecutor(max_workers=mode.side_by_side) as pool:
+        list(pool.map(run_one, rest))
+    return [results[part.name] for part in parts]
 
 
 def run_part(part: Part, mode: Mode, work: Path, out: Path, limit_s: float) -> dict[str, Any]:

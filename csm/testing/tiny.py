@@ -144,8 +144,10 @@ def write_prompt_wavs(folder: Path, seconds: float = 2.0, sample_rate: int = 44_
 
 
 def make_tiny(folder: Path, fmt: str = "original", seed: int = 0,
-              cfg: CSMConfig = TINY, full_size_mimi: bool = False) -> Path:
-    """The folder; `cfg` and `full_size_mimi` give other shapes (benchmarks use the real ones)."""
+              cfg: CSMConfig = TINY, full_size_codecs: bool = False) -> Path:
+    """The folder; `cfg` and `full_size_codecs` give other shapes (benchmarks use the real
+    ones). Without `full_size_codecs`, Mimi is tiny and SilentCipher light (see
+    write_random_silentcipher); with it, both have the real models' sizes."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     folder = Path(folder)
@@ -154,7 +156,7 @@ def make_tiny(folder: Path, fmt: str = "original", seed: int = 0,
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
     write_weights(random_model(cfg, seed), folder, fmt)
     write_tiny_tokenizer(folder / "tokenizer.json")
-    write_random_mimi(folder / "mimi", seed, None if full_size_mimi else tiny_mimi_config())
-    write_random_silentcipher(folder / "silentcipher", seed)
+    write_random_mimi(folder / "mimi", seed, None if full_size_codecs else tiny_mimi_config())
+    write_random_silentcipher(folder / "silentcipher", seed, light=not full_size_codecs)
     write_prompt_wavs(folder)
     return folder
