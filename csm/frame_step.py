@@ -14,6 +14,10 @@ from torch import Tensor
 from .model import CSM, SamplingState
 
 
+class GraphCaptureError(RuntimeError):
+    """The frame step could not be captured as CUDA graphs; the worker can serve without them."""
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     sizes, n = [], 1
     while n < max_batch:
@@ -52,7 +56,14 @@ class FrameStepper:
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.use_graphs:
-            self.capture()
+            try:
+                self.capture()
+            except Exception as e:
+                # Nothing in the checkpoint causes this (a driver, a torch build, an op that
+                # can't be captured), so say how to serve anyway rather than blame the folder.
+                raise GraphCaptureError(
+                    f"capturing the frame step as CUDA graphs failed ({type(e).__name__}: {e}); "
+                    "CSM_CUDA_GRAPHS=0 serves without them, slower") from e
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)

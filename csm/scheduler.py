@@ -149,10 +149,9 @@ class Scheduler:
         model.setup_caches(max_batch)
         self.stepper = FrameStepper(model, max_batch, model.cfg.backbone.max_seq_len - 1,
                                     use_graphs)
-        # The codes of every row for each step of the current block, on the device.
         # Every row's codes for each step of the current block, on the device.
         self.block_codes = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
-                                dtype=torch.long, device=self.device)
+                                       dtype=torch.long, device=self.device)
         self.slots: list[Occupant | None] = [None] * max_batch
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()

@@ -117,6 +117,48 @@ def test_start_or_exit_ends_in_one_line_and_status_1(case: str, tiny_model_dir: 
         assert "SafetensorError" in message and "fetch_weights --dest" in message
 
 
+def test_graphs_that_cannot_be_captured_end_start_up_in_one_line_that_names_the_switch(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """CSM_CUDA_GRAPHS=1 where no CUDA graph can be captured (this CPU): the real capture runs
+    and fails, and the one line says how to serve without graphs, not that the folder is bad."""
+    from worker.startup import start_or_exit
+
+    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("CSM_DEVICE", "cpu")
+    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("CSM_CUDA_GRAPHS", "1")
+    with pytest.raises(SystemExit) as info:
+        start_or_exit()
+    assert info.value.code == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert message.startswith("the worker cannot start: capturing the frame step as CUDA "
+                              "graphs failed (")
+    assert message.endswith("CSM_CUDA_GRAPHS=0 serves without them, slower")
+    assert "could not be loaded" not in message and "fetch_weights" not in message
+
+
+def test_cuda_graphs_off_turns_off_mimis_graphs_too(tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The escape hatch covers both graphed paths: ours (the engine is built eager) and
+    moshi's (its own switch, NO_CUDA_GRAPH, which it reads at every call)."""
+    from moshi.utils import compile as moshi_compile
+
+    from worker.model_source import ModelSource, load_engine
+    from worker.settings import load_settings
+
+    monkeypatch.setenv("NO_CUDA_GRAPH", "")  # restored, whatever load_engine sets
+    settings = load_settings({"CSM_DEVICE": "cpu", "CSM_CUDA_GRAPHS": "0"})
+    assert moshi_compile._is_cuda_graph_enabled()
+    source = ModelSource("CSM_MODEL_DIR", tiny_model_dir, tiny_model_dir)
+    with load_engine(source, settings) as engine:
+        assert engine.scheduler.stepper.use_graphs is False
+    assert not moshi_compile._is_cuda_graph_enabled()
+
+
 @pytest.fixture(scope="module")
 def slim_image(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The slim image's folder: Mimi and SilentCipher, no CSM weights."""

@@ -396,6 +396,20 @@ def test_empty_limit_means_default():
     assert load_settings({"CSM_MAX_TEXT_CHARS": ""}).limits.max_text_chars == 5000
 
 
+@pytest.mark.parametrize("raw,value", [(None, None), ("", None), ("auto", None), ("AUTO", None),
+                                       ("1", True), ("true", True), ("0", False),
+                                       ("no", False)])
+def test_cuda_graphs_setting(raw, value):
+    env = {} if raw is None else {"CSM_CUDA_GRAPHS": raw}
+    assert load_settings(env).cuda_graphs is value
+
+
+def test_cuda_graphs_setting_refuses_other_words():
+    with pytest.raises(SettingsError, match=r"CSM_CUDA_GRAPHS must be 1 or 0 \(true or false\), "
+                                            "or auto, got 'sometimes'"):
+        load_settings({"CSM_CUDA_GRAPHS": "sometimes"})
+
+
 # ---- voices a worker serves, and listing them ------------------------------------------------
 def test_voice_is_checked_against_the_workers_voices():
     voices = ("alice", "conversational_a", "none")

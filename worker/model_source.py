@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from builder.fetch_weights import (CODEC, CSM, CSM_REPO, WATERMARK, FetchError, 
 from csm.checkpoint import INDEX_FILES, SINGLE_FILES, find_weight_files
 from csm.codec import WEIGHTS_FILE as MIMI_FILE
 from csm.engine import Engine
+from csm.frame_step import GraphCaptureError
 from csm.presets import PRESETS
 from csm.watermark import MODEL_FILES as WATERMARK_FILES
 
@@ -219,11 +221,17 @@ def download(kind: str, dest: Path, settings: Settings) -> ModelSource:
 
 def load_engine(source: ModelSource, settings: Settings) -> Engine:
     """The engine on the source's folder; a broken folder becomes one line that says what to do."""
+    if settings.cuda_graphs is False:
+        # moshi's own switch for Mimi's graphs, read at each call: off for this process.
+        os.environ["NO_CUDA_GRAPH"] = "1"
     try:
         return Engine.load(source.folder, device=settings.device,
                            max_batch=settings.max_concurrency,
-                           stall_timeout_s=settings.stall_timeout_s)
-    except Exception as e:  # noqa: BLE001 - any failure here means the folder can't serve
+                           stall_timeout_s=settings.stall_timeout_s,
+                           use_graphs=settings.cuda_graphs)
+    except GraphCaptureError as e:
+        raise StartupError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - any other failure means the folder can't serve
         log.debug("loading the model failed", exc_info=True)
         raise StartupError(f"the model from the {source.describe()} could not be loaded "
                            f"({type(e).__name__}: {e}); {source.remedy()}") from e

@@ -74,6 +74,9 @@ class Settings:
     default_voice: str = DEFAULT_VOICE
     mode: str = "queue"  # CSM_MODE: "queue" (RunPod's job queue) or "http" (worker.http_app)
     allow_watermark_override: bool = False
+    # CSM_CUDA_GRAPHS: None (auto: on CUDA), True (required: start-up fails without them) or
+    # False (off: the frame step and Mimi run eagerly, an escape hatch if capture fails).
+    cuda_graphs: bool | None = None
     http: HttpSettings = HttpSettings()
 
 
@@ -130,6 +133,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     return Settings(
         mode=mode,
         allow_watermark_override=_flag(env, "CSM_ALLOW_WATERMARK_OVERRIDE"),
+        cuda_graphs=(None if env.get("CSM_CUDA_GRAPHS", "").strip().lower() in ("", "auto")
+                     else _flag(env, "CSM_CUDA_GRAPHS", "1 or 0 (true or false), or auto")),
         http=_http_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
         watermark_key=key,
@@ -154,13 +159,13 @@ def _path(env: dict[str, str], name: str) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
-def _flag(env: dict[str, str], name: str) -> bool:
+def _flag(env: dict[str, str], name: str, accepted: str = "1 or 0 (true or false)") -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no"):
         return False
     if raw in ("1", "true", "yes"):
         return True
-    raise SettingsError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+    raise SettingsError(f"{name} must be {accepted}, got {raw!r}")
 
 
 def _port(env: dict[str, str], name: str, default: int) -> int:
