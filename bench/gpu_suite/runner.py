@@ -40,9 +40,9 @@ def run_parts(parts: list[Part], mode: Mode, work: Path, out: Path,
     for part in parts:
         if part.builds:
             run_one(part)
-    # Longest first (by limit), so that side by side the lanes end close together.
-    rest = sorted((part for part in parts if not part.builds),
-                  key=lambda part: -limits[part.name])
+    rest = [part for part in parts if not part.builds]
+    if mode.side_by_side > 1:  # longest first (by limit), so that the lanes end close together
+        rest.sort(key=lambda part: -limits[part.name])
     with ThreadPoolExecutor(max_workers=mode.side_by_side) as pool:
         list(pool.map(run_one, rest))
     return [results[part.name] for part in parts]
