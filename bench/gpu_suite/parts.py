@@ -42,10 +42,10 @@ PARTS: dict[str, Part] = {part.name: part for part in (
     Part("graphs_eager", "bench.gpu_suite.graphs_eager:run", {"gpu": 75, "cpu": 75},
          "CUDA-graph replay against the eager step with jobs joining and leaving (fp32: same "
          "codes, tiny and csm-1b shapes); bf16 against fp32 (first differing frame, logits)"),
-    Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 30, "cpu": 30},
+    Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 25, "cpu": 30},
          "Mimi's graphed streaming decode with exec_mask against the eager and whole-clip "
          "decodes; batched rows against solo rows"),
-    Part("chaos", "bench.gpu_suite.chaos:run", {"gpu": 40, "cpu": 60},
+    Part("chaos", "bench.gpu_suite.chaos:run", {"gpu": 30, "cpu": 60},
          "the frame loop's seeded random mix of jobs (window edge, pieces, cancels at every "
          "stage, raising consumers): every job ends, batched codes equal solo codes"),
     Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 70, "cpu": 150},
@@ -54,6 +54,10 @@ PARTS: dict[str, Part] = {part.name: part for part in (
     Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 95, "cpu": 60},
          "our engine: batch-1 frames/s and real-time factor, time to first audio, "
          "concurrency sweep, peak memory, start-up breakdown"),
+    Part("attention", "bench.gpu_suite.attention:run", {"gpu": 10, "cpu": 30},
+         "one backbone attention call per decode step: over the whole 2048-position cache "
+         "(the engine's call) and over 512, and with each SDPA backend forced (which kernel "
+         "a boolean mask with grouped-query heads gets)"),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),
