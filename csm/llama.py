@@ -60,7 +60,7 @@ class Linear(nn.Linear):
     """nn.Linear without its random init: CSM's weights always come from a checkpoint (or a
     test fixture's own draw). The init is not just wasted work: on the meta device, where
     checkpoint.py builds the model, it runs through torch's Python reference kernels, whose
-    first use imports torch._dynamo, seconds of every worker's start-up."""
+    first use imports torch._dynamo: about 1.4 s of every start-up on a 2-core CPU."""
 
     def reset_parameters(self) -> None:
         pass
