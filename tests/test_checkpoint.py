@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
 from transformers.utils import logging as hf_logging
@@ -22,7 +23,7 @@ from csm.checkpoint import CheckpointError, load_model
 from csm.config import TINY, CSMConfig, config_to_hf
 from csm.model import CSM
 from csm.prompt import audio_positions, build_prompt, text_positions
-from csm.testing.tiny import random_model, to_transformers_format, write_weights
+from csm.testing.tiny import make_tiny, random_model, to_transformers_format, write_weights
 
 ROWS = slice(0, 1)
 HF_BACKBONE_AUDIO = "backbone_model.embed_tokens.embed_audio_tokens.weight"
@@ -237,6 +238,17 @@ def test_untied_decoder_copy_is_refused(tmp_path, ref_state):
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path)
     assert str(path) in str(e.value) and HF_DECODER_AUDIO in str(e.value)
+
+
+def test_make_tiny_writes_its_weights_in_the_dtype_asked(tmp_path):
+    """The GPU suite's csm-1b folder is bf16 on disk, as the image bakes it; an fp32 engine
+    then computes on exactly those bf16 values."""
+    folder = make_tiny(tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model = load_model(folder, "cpu", torch.float32)
+    for k, v in random_model(TINY, 0).state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.to(torch.bfloat16).float()), k
 
 
 @pytest.mark.parametrize("layout", ["original_safetensors", "hub_transformers_shards"])

@@ -1,7 +1,8 @@
 """Part `models`: the model folders the other parts load, built once per run.
 
-RANDOM weights in the real on-disk formats (`csm.testing.make_tiny`, at the csm-1b shapes with
-the full-size Mimi on a GPU): what they generate is noise, never speech. A folder already in
+RANDOM weights in the real on-disk formats (`csm.testing.make_tiny`; on a GPU also at the csm-1b
+shapes, in bf16 with the full-size Mimi and SilentCipher): what they generate is noise, never
+speech. A folder already in
 the work folder (from `--work`) is reused.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import time
+
+import torch
 
 from csm.testing.tiny import make_tiny
 
@@ -26,7 +29,11 @@ def run(ctx: Context) -> None:
         partial = folder.with_name(f"{shapes}.partial")  # never mistaken for a finished one
         shutil.rmtree(partial, ignore_errors=True)
         start = time.perf_counter()
-        make_tiny(partial, cfg=SHAPES[shapes], full_size_codecs=shapes == "csm-1b")
+        full_size = shapes == "csm-1b"
+        # csm-1b as the image bakes it (bf16, 3.1 GB), so that start-up times are the image's;
+        # the fp32 engines of graphs_eager compute in fp32 on those bf16 values.
+        make_tiny(partial, cfg=SHAPES[shapes], full_size_codecs=full_size,
+                  dtype=torch.bfloat16 if full_size else torch.float32)
         partial.rename(folder)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         ctx.record(**{shapes: {"build_s": time.perf_counter() - start,

@@ -81,9 +81,9 @@ def to_transformers_format(state: dict[str, torch.Tensor],
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def write_weights(model: CSM, folder: Path, fmt: str) -> None:
+def write_weights(model: CSM, folder: Path, fmt: str, dtype: torch.dtype = torch.float32) -> None:
     """`model.safetensors` (original) or two hub-style transformers shards with their index."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if fmt == "original":
         save_file(state, str(folder / "model.safetensors"))
         return
@@ -144,17 +144,19 @@ def write_prompt_wavs(folder: Path, seconds: float = 2.0, sample_rate: int = 44_
 
 
 def make_tiny(folder: Path, fmt: str = "original", seed: int = 0,
-              cfg: CSMConfig = TINY, full_size_codecs: bool = False) -> Path:
+              cfg: CSMConfig = TINY, full_size_codecs: bool = False,
+              dtype: torch.dtype = torch.float32) -> Path:
     """The folder; `cfg` and `full_size_codecs` give other shapes (benchmarks use the real
     ones). Without `full_size_codecs`, Mimi is tiny and SilentCipher light (see
-    write_random_silentcipher); with it, both have the real models' sizes."""
+    write_random_silentcipher); with it, both have the real models' sizes. `dtype`: of the
+    CSM weights on disk (the image bakes bfloat16)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "RANDOM_WEIGHTS.txt").write_text(NOTICE)
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
-    write_weights(random_model(cfg, seed), folder, fmt)
+    write_weights(random_model(cfg, seed), folder, fmt, dtype)
     write_tiny_tokenizer(folder / "tokenizer.json")
     write_random_mimi(folder / "mimi", seed, None if full_size_codecs else tiny_mimi_config())
     write_random_silentcipher(folder / "silentcipher", seed, light=not full_size_codecs)
