@@ -99,6 +99,7 @@ class FrameStepper:
         self.sampling.frame_index[rows] += live
         self.remaining[rows] -= live
         return self.codes[rows]
+
     def step(self, n: int) -> Tensor:
         """One frame for rows [0, n) (n a bucket); returns their codes [n, 32] on the device."""
         graph = self.graphs.get(n)

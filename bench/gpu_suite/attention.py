@@ -17,6 +17,7 @@ The frame step makes one such call per backbone layer (16 at csm-1b) per frame.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,7 @@ def time_ms(call: Callable[[], Tensor], device: torch.device, reps: int) -> floa
         call()
         sync(device)
         times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def refused(e: Exception, said: list[warnings.WarningMessage]) -> str:

@@ -2,8 +2,7 @@
 
 RANDOM weights in the real on-disk formats (`csm.testing.make_tiny`; on a GPU also at the csm-1b
 shapes, in bf16 with the full-size Mimi and SilentCipher): what they generate is noise, never
-speech. A folder already in
-the work folder (from `--work`) is reused.
+speech. A folder already in the work folder (from `--work`) is reused.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ def run(ctx: Context) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         start = time.perf_counter()
         full_size = shapes == "csm-1b"
-        # csm-1b as the image bakes it (bf16, 3.1 GB), so that start-up times are the image's;
+        # csm-1b as the image bakes it (bf16), so that start-up times are the image's;
         # the fp32 engines of graphs_eager compute in fp32 on those bf16 values.
         make_tiny(partial, cfg=SHAPES[shapes], full_size_codecs=full_size,
                   dtype=torch.bfloat16 if full_size else torch.float32)
