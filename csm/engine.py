@@ -29,6 +29,7 @@ from .audio import resample
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, MimiCodec
 from .conversation import FRAME_MS, Conversation, PromptTooLongError, Utterance
+from .frame_step import KEY_BLOCK
 from .model import CSM
 from .prompt import Segment, build_prompt
 from .scheduler import (STALL_TIMEOUT_S, DeviceFaultError, EngineClosedError, Job, Piece,
@@ -169,7 +170,7 @@ class Engine:
     def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: MimiCodec,
                  watermarker: Watermarker | None, max_batch: int = 1,
                  startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None,
-                 stall_timeout_s: float = STALL_TIMEOUT_S):
+                 stall_timeout_s: float = STALL_TIMEOUT_S, key_block: int = KEY_BLOCK):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -178,7 +179,8 @@ class Engine:
         start = time.perf_counter()
         model.backbone.fuse()
         model.decoder.fuse()
-        self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s)
+        self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s,
+                                   key_block)
         self.prefixes: list[tuple[Segment, Prefix]] = []
         # Where start-up time went: weights, codec, watermark, caches and graph capture.
         self.startup_ms = dict(startup_ms or {})
@@ -205,9 +207,13 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, max_batch: int = 1,
-             use_graphs: bool | None = None,
-             stall_timeout_s: float = STALL_TIMEOUT_S) -> "Engine":
-        """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
+             use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
+             key_block: int = KEY_BLOCK) -> "Engine":
+        """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
+
+        `key_block`: attention reads the cache in spans of this many positions (see
+        frame_step.py); the window's length gives the whole-window baseline benchmarks use.
+        """
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -225,7 +231,8 @@ class Engine:
         watermarker = timed("watermark",
                             lambda: Watermarker.load(model_dir / "silentcipher", device))
         return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
-                   startup_ms=startup, use_graphs=use_graphs, stall_timeout_s=stall_timeout_s)
+                   startup_ms=startup, use_graphs=use_graphs, stall_timeout_s=stall_timeout_s,
+                   key_block=key_block)
 
     @property
     def max_positions(self) -> int:

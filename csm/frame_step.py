@@ -2,8 +2,14 @@
 
 Everything one frame needs lives in preallocated per-row buffers (backbone hidden, position,
 sampling settings, frame counter), so a step has fixed shapes and no host synchronisation.
-On CUDA each batch-size bucket is captured once as a graph and replayed per frame: the ~200
-kernel launches of a frame become one. On the CPU the same function runs eagerly.
+On CUDA each batch-size bucket is captured once per key span as a graph and replayed per
+frame: the ~200 kernel launches of a frame become one. On the CPU the same function runs
+eagerly.
+
+A key span is how many cache positions the backbone's attention reads: the smallest multiple
+of `key_block` that holds every live row's position, not the whole window. At csm-1b shapes
+the whole window's keys and values are 64 MiB per row per frame: at 64 rows, twice the bytes
+of the backbone's weights.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ import torch
 from torch import Tensor
 
 from .model import CSM, SamplingState
+
+
+# A multiple of 512 keeps the CPU's attention kernel, which reads keys in blocks of 512,
+# summing in the same order whatever the span: a row draws the same codes in any batch.
+KEY_BLOCK = 512
 
 
 class GraphCaptureError(RuntimeError):
@@ -26,6 +37,11 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def key_spans(window: int, key_block: int) -> list[int]:
+    """Every span a step may attend over: multiples of key_block, the last one the window."""
+    return sorted({min(window, k) for k in range(key_block, window + key_block, key_block)})
+
+
 class FrameStepper:
     """The device side of every row, and its one owner.
 
@@ -38,8 +54,10 @@ class FrameStepper:
     """
 
     def __init__(self, model: CSM, max_batch: int, park_position: int,
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, key_block: int = KEY_BLOCK):
         self.model = model
+        self.window = model.cfg.backbone.max_seq_len
+        self.key_block = key_block
         dev = model.codebook0_head.weight.device
         dtype = model.codebook0_head.weight.dtype
         self.park_position = park_position
@@ -53,8 +71,9 @@ class FrameStepper:
             frame_index=torch.zeros(max_batch, dtype=torch.long, device=dev))
         self.codes = torch.zeros(max_batch, model.cfg.num_codebooks, dtype=torch.long, device=dev)
         self.buckets = batch_buckets(max_batch)
+        self.spans = key_spans(self.window, key_block)
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, span) -> graph
         if self.use_graphs:
             try:
                 self.capture()
@@ -67,6 +86,10 @@ class FrameStepper:
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
+
+    def key_span(self, positions: int) -> int:
+        """The span that holds cache positions [0, positions)."""
+        return min(self.window, -(-positions // self.key_block) * self.key_block)
 
     def start(self, row: int, h: Tensor, position: int, frames: int, temperature: float,
               topk: int, noise_key: int) -> None:
@@ -88,10 +111,10 @@ class FrameStepper:
         self.remaining[row] = 0
         self.position[row] = self.park_position
 
-    def _step(self, n: int) -> Tensor:
+    def _step(self, n: int, keys: int) -> Tensor:
         rows = slice(0, n)
         codes, h_next = self.model.frame_step(self.h[rows], self.position[rows],
-                                              self.sampling.rows(rows), rows)
+                                              self.sampling.rows(rows), rows, keys)
         self.h[rows].copy_(h_next)
         self.codes[rows].copy_(codes)
         live = (self.remaining[rows] > 0).long()
@@ -100,29 +123,33 @@ class FrameStepper:
         self.remaining[rows] -= live
         return self.codes[rows]
 
-    def step(self, n: int) -> Tensor:
-        """One frame for rows [0, n) (n a bucket); returns their codes [n, 32] on the device."""
-        graph = self.graphs.get(n)
+    def step(self, n: int, keys: int) -> Tensor:
+        """One frame for rows [0, n) (n a bucket), attending over cache positions [0, keys)
+        (a span: every live row's position below it); returns their codes [n, 32] on the
+        device."""
+        graph = self.graphs.get((n, keys))
         if graph is None:
-            return self._step(n)
+            return self._step(n, keys)
         graph.replay()
         return self.codes[:n]
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket's step. Call with no live rows: the warm-up steps run for real."""
+        """Capture every (bucket, span) step. Call with no live rows: the warm-up steps run
+        for real."""
+        shapes = [(n, keys) for n in self.buckets for keys in self.spans]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for n in self.buckets:
+            for n, keys in shapes:
                 for _ in range(2):  # warm-up: allocator pools, cuBLAS handles, lazy inits
-                    self._step(n)
+                    self._step(n, keys)
         torch.cuda.current_stream().wait_stream(stream)
         pool = None
-        for n in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
+        for n, keys in reversed(shapes):  # largest first, so smaller graphs reuse its pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._step(n)
+                self._step(n, keys)
             pool = graph.pool()
-            self.graphs[n] = graph
+            self.graphs[n, keys] = graph
         self.h.zero_()

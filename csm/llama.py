@@ -105,7 +105,8 @@ class Attention(nn.Module):
         nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
         return F.linear(x, self.wqkv).split([nq, nkv, nkv], dim=-1)
 
-    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice,
+                keys: int) -> Tensor:
         b, s, _ = x.shape
         q, k, v = self._qkv(x)
         q = apply_rope(q.view(b, s, self.n_heads, self.hd), rope).transpose(1, 2)
@@ -113,9 +114,12 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
         index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
+        # Written into the whole row (a parked row sits at the window's last position), read
+        # over the first `keys` positions only.
         k_cache.scatter_(2, index, k)
         v_cache.scatter_(2, index, v)
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None],
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys],
+                                             attn_mask=mask[:, None],
                                              enable_gqa=self.n_heads != self.n_kv)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.hd))
 
@@ -157,8 +161,9 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice) -> Tensor:
-        x = x + self.attn(self.sa_norm(x), rope, pos, mask, rows)
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice,
+                keys: int) -> Tensor:
+        x = x + self.attn(self.sa_norm(x), rope, pos, mask, rows, keys)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -201,10 +206,17 @@ class Transformer(nn.Module):
             layer.attn.k_cache[row, :, :k.shape[1]].copy_(k)
             layer.attn.v_cache[row, :, :v.shape[1]].copy_(v)
 
-    def forward(self, x: Tensor, pos: Tensor, rows: slice) -> Tensor:
-        """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them)."""
+    def forward(self, x: Tensor, pos: Tensor, rows: slice, keys: int | None = None) -> Tensor:
+        """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them).
+
+        Attention reads cache positions [0, keys) only (all of them when None), so a decode
+        step costs what the positions in use cost, not the whole window. The caller keeps
+        every live position in `pos` below `keys`; a row beyond it (a parked one) draws
+        nothing that is used.
+        """
+        keys = keys or self.cfg.max_seq_len
         rope = self.rope[pos]
-        mask = self.causal[pos]
+        mask = self.causal[:, :keys][pos]
         for layer in self.layers:
-            x = layer(x, rope, pos, mask, rows)
+            x = layer(x, rope, pos, mask, rows, keys)
         return self.norm(x)

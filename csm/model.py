@@ -70,9 +70,11 @@ class CSM(nn.Module):
         embeds = torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1).to(audio.dtype)
         return embeds.sum(dim=-2)
 
-    def prefill(self, tokens: Tensor, mask: Tensor, pos: Tensor, rows: slice) -> Tensor:
-        """Backbone over new prompt positions; returns the last position's hidden [B, dim]."""
-        return self.backbone(self.embed(tokens, mask), pos, rows)[:, -1]
+    def prefill(self, tokens: Tensor, mask: Tensor, pos: Tensor, rows: slice,
+                keys: int | None = None) -> Tensor:
+        """Backbone over new prompt positions, attending over cache positions [0, keys) (see
+        Transformer.forward); returns the last position's hidden [B, dim]."""
+        return self.backbone(self.embed(tokens, mask), pos, rows, keys)[:, -1]
 
     def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
         """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
@@ -95,9 +97,10 @@ class CSM(nn.Module):
             pos = self.decoder_positions[i + 1:i + 2].expand(b, 1)
         return torch.stack(codes, dim=1)
 
-    def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState,
-                   rows: slice) -> tuple[Tensor, Tensor]:
-        """Draw one frame from h, then feed it to the backbone at `pos` ([B]).
+    def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState, rows: slice,
+                   keys: int | None = None) -> tuple[Tensor, Tensor]:
+        """Draw one frame from h, then feed it to the backbone at `pos` ([B]), attending over
+        cache positions [0, keys).
 
         Returns (codes [B, 32], next hidden [B, dim]). Fixed shapes, no host sync and no
         data-dependent control flow: this is the unit that gets compiled and graph-captured.
@@ -106,5 +109,5 @@ class CSM(nn.Module):
         tokens = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1).unsqueeze(1)
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., -1] = False
-        h_next = self.prefill(tokens, mask, pos.unsqueeze(1), rows)
+        h_next = self.prefill(tokens, mask, pos.unsqueeze(1), rows, keys)
         return codes, h_next

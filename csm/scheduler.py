@@ -2,11 +2,12 @@
 
 Each job owns a row ("slot") of the KV caches. The loop runs in blocks: prefill a bounded
 number of prompt positions for newcomers, then `CHECK_EVERY` frame steps over the first
-`bucket` rows without looking at the results, then one device->host copy of the block to
-find end frames, feed Mimi and hand audio to each job. Jobs join and leave at block
-boundaries; a finished job's slot is reused at once. A job may be several pieces (long text,
-dialogue turns): when one piece ends, `next_piece` gives the next prompt and the job
-re-prefills its own slot, keeping its Mimi state so the audio runs on without a seam.
+`bucket` rows (attending over the key span that holds their positions) without looking at
+the results, then one device->host copy of the block to find end frames, feed Mimi and hand
+audio to each job. Jobs join and leave at block boundaries; a finished job's slot is reused
+at once. A job may be several pieces (long text, dialogue turns): when one piece ends,
+`next_piece` gives the next prompt and the job re-prefills its own slot, keeping its Mimi
+state so the audio runs on without a seam.
 
 Who owns what: the `Occupant` of a slot is its host-side state (the job, its current piece
 and how far it has got); `FrameStepper` owns the row's device buffers; `_occupy` and
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .codec import MimiCodec
-from .frame_step import FrameStepper
+from .frame_step import KEY_BLOCK, FrameStepper
 from .model import CSM
 from .sampling import noise_key
 
@@ -121,6 +122,11 @@ class Occupant:
     def frames_left(self) -> int:
         return self.piece.max_frames - self.frames_done
 
+    @property
+    def position(self) -> int:
+        """The cache position the row's next frame goes to (the stepper's, seen from here)."""
+        return len(self.piece.tokens) + self.frames_done
+
     def next(self, piece: Piece) -> None:
         self.piece, self.prefilled, self.frames_done, self.codes = piece, 0, 0, []
         self.piece_index += 1
@@ -140,7 +146,8 @@ class Occupant:
 
 class Scheduler:
     def __init__(self, model: CSM, codec: MimiCodec, max_batch: int,
-                 use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S):
+                 use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
+                 key_block: int = KEY_BLOCK):
         self.model = model
         self.codec = codec
         self.max_batch = max_batch
@@ -148,7 +155,7 @@ class Scheduler:
         self.device = model.codebook0_head.weight.device
         model.setup_caches(max_batch)
         self.stepper = FrameStepper(model, max_batch, model.cfg.backbone.max_seq_len - 1,
-                                    use_graphs)
+                                    use_graphs, key_block)
         # Every row's codes for each step of the current block, on the device.
         self.block_codes = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
                                        dtype=torch.long, device=self.device)
@@ -271,8 +278,11 @@ class Scheduler:
             return
         bucket = self.stepper.bucket(max(o.slot for o in running) + 1)
         steps = min(CHECK_EVERY, max(o.frames_left for o in running))
+        # Every position the block writes: a row stops once its piece's frames are drawn.
+        keys = self.stepper.key_span(max(o.position + min(steps, o.frames_left)
+                                         for o in running))
         for s in range(steps):
-            self.block_codes[s, :bucket].copy_(self.stepper.step(bucket))
+            self.block_codes[s, :bucket].copy_(self.stepper.step(bucket, keys))
         self._collect(running, steps, bucket)
 
     def _drop_cancelled(self) -> None:
@@ -347,7 +357,8 @@ class Scheduler:
         n, dev = len(tokens), self.device
         with torch.inference_mode():
             self.model.prefill(tokens.to(dev)[None], mask.to(dev)[None],
-                               torch.arange(n, device=dev)[None], slice(0, 1))
+                               torch.arange(n, device=dev)[None], slice(0, 1),
+                               self.stepper.key_span(n))
         return Prefix(n, self.model.backbone.read_cache(0, n))
 
     def _prefill_chunk(self, occupant: Occupant, budget: int) -> int:
@@ -359,7 +370,8 @@ class Scheduler:
         end = min(len(piece.tokens), start + budget)
         h = self.model.prefill(piece.tokens[start:end].to(dev)[None],
                                piece.mask[start:end].to(dev)[None],
-                               torch.arange(start, end, device=dev)[None], slice(slot, slot + 1))
+                               torch.arange(start, end, device=dev)[None], slice(slot, slot + 1),
+                               self.stepper.key_span(end))
         occupant.prefilled = end
         if not occupant.prefilling:
             job = occupant.job

@@ -8,6 +8,7 @@ these tests show that the two draw exactly the same codes and audio.
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from csm.engine import Engine, GenerationRequest, PromptTooLongError, Utterance
 from csm.prompt import Segment
 from csm.model import SamplingState
 from csm.scheduler import CHECK_EVERY
+from csm.testing.chaos import sized_segment
 
 
 def plain_generate(model, tokens, mask, max_frames, temperature, topk, seed):
@@ -102,6 +104,66 @@ def test_batched_jobs_match_jobs_run_alone_whenever_they_join(engine, voice):
     together = [engine.finish(g, list(g.blocks())).codes for g in generations]
     for s, (a, t) in enumerate(zip(alone, together)):
         assert torch.equal(a, t), f"job {s} changed when batched"
+
+
+@torch.inference_mode()
+def test_attention_over_a_key_span_equals_the_whole_window(plain_model):
+    """The masked tail of the cache adds exactly nothing, so reading only a span that holds
+    every position changes no number; a span that leaves the newest position out does."""
+    model = plain_model
+    model.setup_caches(1)
+    rows, n = slice(0, 1), 600
+    x = torch.randn(1, n + 1, model.cfg.backbone.dim)
+    model.backbone(x[:, :n], torch.arange(n)[None], rows)
+    last = x[:, n:], torch.tensor([[n]])
+    whole = model.backbone(*last, rows)
+    assert torch.equal(model.backbone(*last, rows, keys=1024), whole)
+    assert not torch.allclose(model.backbone(*last, rows, keys=512), whole)
+
+
+@pytest.mark.parametrize("positions", [510, 512, 1022])
+@torch.inference_mode()
+def test_a_job_crossing_key_spans_draws_the_whole_window_codes(engine, plain_model, positions):
+    """Attention reads only the key span that holds the rows' positions (512, 1024, ...):
+    prompts that end just before, at and just after a span's end, stepped across it mid-block,
+    draw what attending over the whole window draws (the plain loop)."""
+    context = (sized_segment(engine, "Across.", 0, positions, random.Random(positions)),)
+    req = GenerationRequest(text="Across.", context=context, max_audio_length_ms=8 * 80,
+                            seed=positions, stop_at_end_frame=False)
+    piece = engine.conversation(context).piece(req.utterances[0])
+    assert piece.tokens.shape[0] == positions
+    spans = []
+    step = engine.scheduler.stepper.step
+
+    def spy(n, keys):
+        spans.append(keys)
+        return step(n, keys)
+
+    engine.scheduler.stepper.step = spy
+    try:
+        got = engine.generate(req).codes
+    finally:
+        del engine.scheduler.stepper.step
+    expected = plain_generate(plain_model, piece.tokens, piece.mask, 8, req.temperature,
+                              req.topk, req.seed)
+    assert torch.equal(got, expected)
+    # The smallest span that holds each block's positions, not the whole window.
+    ends = [positions + 4, positions + 8]
+    assert spans == [512 * -(-end // 512) for end in ends for _ in range(4)]
+
+
+def test_a_whole_window_key_block_is_the_engine_before_key_spans(tiny_model_dir, engine):
+    """key_block = the window (the speed benchmarks' baseline) attends over all 2048 positions
+    at every step, and draws the same codes."""
+    req = GenerationRequest(text="Hello there.", max_audio_length_ms=8 * 80, seed=5,
+                            stop_at_end_frame=False)
+    with Engine.load(tiny_model_dir, device="cpu", key_block=2048) as whole:
+        spans = []
+        step = whole.scheduler.stepper.step
+        whole.scheduler.stepper.step = lambda n, keys: spans.append(keys) or step(n, keys)
+        got = whole.generate(req).codes
+    assert spans == [2048] * 8
+    assert torch.equal(got, engine.generate(req).codes)
 
 
 def test_end_frame_stops_a_job_mid_block_and_is_dropped(engine, voice, monkeypatch):

@@ -79,9 +79,9 @@ def test_a_job_at_the_window_edge_beside_a_longer_one(engine):
     positions = []
     step = engine.scheduler.stepper.step
 
-    def spy(n):
+    def spy(n, keys):
         positions.append(int(engine.scheduler.stepper.position[:n].max()))
-        return step(n)
+        return step(n, keys)
 
     engine.scheduler.stepper.step = spy
     long_job = engine.start(long)

@@ -67,7 +67,7 @@ def test_cpu_mode_runs_every_part_and_each_passes_its_checks(cpu_run):
         assert positive(part["peak_memory_mb"])
     checks = {name: len(part["checks"]) for name, part in report["parts"].items()}
     assert checks == {"models": 0, "graphs_eager": 8, "mimi": 3, "chaos": 2, "worker": 12,
-                      "speed": 1, "attention": 2, "transformers": 1}, checks
+                      "speed": 1, "attention": 3, "transformers": 1}, checks
 
 
 def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
@@ -90,15 +90,18 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert positive(speed["batch1"]["frames_per_s"]["median"])
     assert positive(speed["batch1"]["real_time_factor"]["median"])
     assert [row["jobs"] for row in speed["concurrency"]] == [1, 4]
+    assert speed["key_block"] == 512
     assert {"weights", "codec", "watermark", "caches_and_graphs", "total"} <= set(
         speed["startup_ms"])
     attention = parts["attention"]
     assert list(attention["by_batch"]) == ["1", "4"]
     for row in attention["by_batch"].values():
-        assert positive(row["engine_call_2048_ms"]) and positive(row["engine_call_512_ms"])
+        assert all(positive(row[f"{call}_ms"]) for call in (
+            "engine_call_2048", "engine_call_512", "folded_groups_2048"))
         assert positive(row["math_2048_ms"])  # the one backend every device has
         assert row["efficient_attention"].startswith("refused: ")  # a CUDA kernel
     assert attention["masked_tail_relative_error"] == [0.0, 0.0]  # fp32 on the CPU: exact
+    assert all(e < 1e-5 for e in attention["folded_groups_relative_error"])
     assert positive(parts["transformers"]["frames_per_s"]["median"])
     assert parts["transformers"]["compiled"] is False
 

@@ -5,9 +5,13 @@ The engine (csm/llama.py) attends from each row's one new position over the whol
 positions) with a boolean mask and grouped-query heads (`enable_gqa`). Timed here at the mode's
 main shapes and speed dtype, for each batch size of the speed part's sweep:
 
-- the engine's call over 2048 positions, with the kernel PyTorch picks;
-- the same over 512 positions: what bucketing the key length by the positions in use would
-  attend to for prompts and audio under 512 positions (the masked tail adds nothing: checked);
+- the engine's call over 2048 positions, with the kernel PyTorch picks: its key span once a
+  row's positions pass 1536, and every step's before key spans (csm/frame_step.py);
+- the same over 512 positions, the engine's first key span: prompts and audio under 512
+  positions (the masked tail adds nothing: checked);
+- the 2048-position call with the query heads that share a key/value head folded into one
+  head's query rows (the same numbers, checked): a call without grouped-query heads, which
+  kernels that refuse `enable_gqa` take;
 - the 2048-position call with each SDPA backend forced in turn; a backend that refuses the
   call (a boolean mask, grouped-query heads, the device) is reported with its reason.
 
@@ -63,7 +67,7 @@ def run(ctx: Context) -> None:
                kv_heads=cfg.num_kv_heads, head_size=cfg.head_size, position=POSITION,
                calls_per_frame=cfg.num_layers)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    tail_errors, timings = [], []
+    tail_errors, fold_errors, timings = [], [], []
     for batch in ctx.mode.concurrency:
         ctx.step(f"batch {batch}")
         q = torch.randn(batch, cfg.num_heads, 1, cfg.head_size, generator=gen)
@@ -77,11 +81,23 @@ def run(ctx: Context) -> None:
                 q, k[:, :, :keys], v[:, :, :keys], attn_mask=mask[..., :keys],
                 enable_gqa=cfg.num_heads != cfg.num_kv_heads)
 
+        def attend_folded(keys: int) -> Tensor:
+            # Query head h uses key/value head h // group (enable_gqa's order), so the group's
+            # heads become that head's query rows; one position, so one mask row for all.
+            group = cfg.num_heads // cfg.num_kv_heads
+            folded = q.view(batch, cfg.num_kv_heads, group, cfg.head_size)
+            out = F.scaled_dot_product_attention(folded, k[:, :, :keys], v[:, :, :keys],
+                                                 attn_mask=mask[..., :keys])
+            return out.view(batch, cfg.num_heads, 1, cfg.head_size)
+
         full, bucket = attend(FULL).float(), attend(BUCKET).float()
         tail_errors.append(float((full - bucket).abs().max() / full.abs().max()))
+        fold_errors.append(float((full - attend_folded(FULL).float()).abs().max()
+                                 / full.abs().max()))
         row: dict[str, float | str] = {
             "engine_call_2048_ms": time_ms(lambda: attend(FULL), device, reps),
-            "engine_call_512_ms": time_ms(lambda: attend(BUCKET), device, reps)}
+            "engine_call_512_ms": time_ms(lambda: attend(BUCKET), device, reps),
+            "folded_groups_2048_ms": time_ms(lambda: attend_folded(FULL), device, reps)}
         for name in BACKENDS:
             backend = getattr(SDPBackend, name, None)
             if backend is None:
@@ -97,7 +113,7 @@ def run(ctx: Context) -> None:
                     row[name.lower()] = refused(e, said)
         timings.append(row)
         ctx.record(by_batch=dict(zip(map(str, ctx.mode.concurrency), timings)))
-    ctx.record(masked_tail_relative_error=tail_errors)
+    ctx.record(masked_tail_relative_error=tail_errors, folded_groups_relative_error=fold_errors)
     figures = [value for row in timings for value in row.values() if isinstance(value, float)]
     ctx.check("every call that ran has a positive, finite time",
               all(math.isfinite(f) and f > 0 for f in figures), len(figures))
@@ -106,3 +122,5 @@ def run(ctx: Context) -> None:
     tolerance = 1e-2 if dtype != torch.float32 else 1e-5
     ctx.check("over 512 positions the call gives the 2048-position result",
               max(tail_errors) < tolerance, max(tail_errors))
+    ctx.check("folded query groups give the grouped-query result",
+              max(fold_errors) < tolerance, max(fold_errors))

@@ -3,9 +3,10 @@
 A scripted scenario of jobs joining and leaving mid-run runs on two engines built from the
 same folder, graphs on and off. Every join and the one cancellation happen inside a job's
 audio callback (on the loop thread, between blocks), so the schedule is the same in both runs:
-rows move through buckets 1, 2, 4, 8 and back down. In fp32 each job's codes must be
-identical, at every shapes the mode builds (tiny and csm-1b on a GPU); the buckets each run
-stepped through are recorded and must match.
+rows move through buckets 1, 2, 4, 8 and back down, and one job's long context moves the
+attention's key span from 512 positions to 1024 and back. In fp32 each job's codes must be
+identical, at every shapes the mode builds (tiny and csm-1b on a GPU); the (bucket, span) of
+every step is recorded and must match.
 
 Then the same scenario in bf16 (graphs as deployed) against the fp32 codes: the first frame
 where each job's codes differ, and the relative error of the backbone's codebook-0 logits,
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from csm.checkpoint import load_model
 from csm.engine import Engine, Generation, GenerationRequest
-from csm.prompt import build_prompt
+from csm.prompt import Segment, build_prompt
 from csm.text_tokenizer import TextTokenizer
 
 from ..run import TEXT
@@ -48,21 +49,31 @@ class ScriptedJob:
     frames: int
     starts_after: tuple[str, int] | None = None  # (job, its n-th audio block); None: first
     cancel_after: int | None = None  # cancelled at its own n-th audio block
+    context_frames: int = 0  # a context turn of this many (seeded random) frames
 
     def request(self, seed: int) -> GenerationRequest:
         # The end-frame stop is off so that the schedule never depends on what was drawn.
         return GenerationRequest(text=f"{TEXT} ({self.name})", seed=seed,
-                                 max_audio_length_ms=self.frames * 80, stop_at_end_frame=False)
+                                 context=self.context(), max_audio_length_ms=self.frames * 80,
+                                 stop_at_end_frame=False)
+
+    def context(self) -> tuple[Segment, ...]:
+        if not self.context_frames:
+            return ()
+        draw = torch.Generator().manual_seed(self.context_frames)
+        codes = torch.randint(0, 2048, (32, self.context_frames), generator=draw)
+        return (Segment(speaker=1, text="An earlier turn.", codes=codes),)
 
 
-# One block of 4 frames per line of the schedule (the rows each job holds, the bucket):
-#   a alone (1); b joins (2); c, d join (4); e..h fill rows 4..7 (8); b, d, e, f, h finish
-#   and g is cancelled, i takes freed row 1 beside c (4); c finishes (2); i finishes, a ends
-#   alone (1).
+# The schedule, in blocks of 4 frames (the bucket, then the key span):
+#   a alone (1, 512); b joins (2, 512); c's long prompt (its context puts it past 512
+#   positions) takes two prefill chunks while a and b go on (2, 512); c and d join (4, 1024);
+#   e..h fill rows 4..7 (8, 1024); b, d, e, f, h finish and g is cancelled, i takes freed
+#   row 1 beside c (4, 1024); c finishes, a and i end together (2, 512).
 SCRIPT = (
     ScriptedJob("a", 28),
     ScriptedJob("b", 12, ("a", 1)),
-    ScriptedJob("c", 12, ("a", 2)),
+    ScriptedJob("c", 12, ("a", 2), context_frames=520),
     ScriptedJob("d", 8, ("a", 2)),
     ScriptedJob("e", 4, ("c", 1)),
     ScriptedJob("f", 4, ("c", 1)),
@@ -76,20 +87,20 @@ SEEDS = {job.name: seed for seed, job in enumerate(SCRIPT, start=11)}
 @dataclass
 class ScenarioRun:
     codes: dict[str, Tensor]  # job -> [32, frames drawn]
-    buckets: list[int]  # the bucket of every frame step, in order
+    buckets: list[tuple[int, int]]  # the (batch bucket, key span) of every step, in order
     seconds: float
 
 
 @contextmanager
-def recorded_buckets(engine: Engine) -> Iterator[list[int]]:
-    """The batch bucket of every frame step the engine takes, in order."""
+def recorded_buckets(engine: Engine) -> Iterator[list[tuple[int, int]]]:
+    """The (batch bucket, key span) of every frame step the engine takes, in order."""
     stepper = engine.scheduler.stepper
-    buckets: list[int] = []
+    buckets: list[tuple[int, int]] = []
     step = stepper.step
 
-    def recording(n: int) -> Tensor:
-        buckets.append(n)
-        return step(n)
+    def recording(n: int, keys: int) -> Tensor:
+        buckets.append((n, keys))
+        return step(n, keys)
 
     stepper.step = recording
     try:
@@ -154,14 +165,14 @@ def first_difference(a: Tensor, b: Tensor) -> int | None:
     return None if a.shape[1] == b.shape[1] else n
 
 
-def runs_of(buckets: list[int]) -> list[list[int]]:
-    """[bucket, steps] for each stretch of equal buckets: the schedule at a glance."""
+def runs_of(buckets: list[tuple[int, int]]) -> list[list[int]]:
+    """[bucket, span, steps] for each stretch of equal steps: the schedule at a glance."""
     out: list[list[int]] = []
-    for b in buckets:
-        if out and out[-1][0] == b:
-            out[-1][1] += 1
+    for n, keys in buckets:
+        if out and out[-1][:2] == [n, keys]:
+            out[-1][2] += 1
         else:
-            out.append([b, 1])
+            out.append([n, keys, 1])
     return out
 
 
@@ -173,16 +184,19 @@ def check_schedule(ctx: Context, label: str, run: ScenarioRun) -> None:
               all(frames[n] == f for n, f in expected.items())
               and all(f <= frames[n] < next(j.frames for j in SCRIPT if j.name == n)
                       for n, f in cancelled.items()), frames)
-    sizes = [b for b, _ in runs_of(run.buckets)]
-    ctx.check(f"{label}: rows moved through buckets 1, 2, 4 and 8 and back down",
-              {1, 2, 4, 8} <= set(sizes) and sizes[-1] < max(sizes), runs_of(run.buckets))
+    sizes = [n for n, _ in run.buckets]
+    spans = [keys for _, keys in run.buckets]
+    ctx.check(f"{label}: rows moved through buckets 1, 2, 4 and 8 and back down, the key "
+              "span from 512 to 1024 and back",
+              {1, 2, 4, 8} <= set(sizes) and sizes[-1] < max(sizes)
+              and spans[0] == spans[-1] == 512 and 1024 in spans, runs_of(run.buckets))
 
 
 def fp32_graphs_against_eager(ctx: Context, shapes: str) -> ScenarioRun:
     folder = ctx.model_dir(shapes)
     runs: dict[str, ScenarioRun] = {}
     solo: dict[str, Tensor] = {}
-    captured: list[int] = []
+    captured: list[tuple[int, int]] = []
     for label, graphs in (("eager", False), ("graphs", ctx.mode.graphs)):
         ctx.step(f"{shapes} fp32: the scenario, {label}")
         with Engine.load(folder, device=ctx.device, dtype=torch.float32, max_batch=MAX_BATCH,
@@ -203,7 +217,7 @@ def fp32_graphs_against_eager(ctx: Context, shapes: str) -> ScenarioRun:
               all(d is None for d in differing.values()),
               {n: d for n, d in differing.items() if d is not None} or None)
     if ctx.mode.graphs:
-        ctx.check(f"{shapes}: every bucket stepped was replayed from a captured graph",
+        ctx.check(f"{shapes}: every (bucket, span) stepped was replayed from a captured graph",
                   set(graphed.buckets) <= set(captured),
                   {"captured": captured, "stepped": sorted(set(graphed.buckets))})
     ctx.record(**{f"{shapes}_fp32": {

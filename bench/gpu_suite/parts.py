@@ -54,10 +54,16 @@ PARTS: dict[str, Part] = {part.name: part for part in (
     Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 95, "cpu": 60},
          "our engine: batch-1 frames/s and real-time factor, time to first audio, "
          "concurrency sweep, peak memory, start-up breakdown"),
+    Part("speed_whole_window", "bench.gpu_suite.speed:ours_whole_window",
+         {"gpu": 95, "cpu": 60},
+         "`speed` with attention over the whole 2048-position window, as before key spans: "
+         "run it with --parts models,speed,speed_whole_window for a before and after",
+         in_default_run=False),
     Part("attention", "bench.gpu_suite.attention:run", {"gpu": 10, "cpu": 30},
          "one backbone attention call per decode step: over the whole 2048-position cache "
-         "(the engine's call) and over 512, and with each SDPA backend forced (which kernel "
-         "a boolean mask with grouped-query heads gets)"),
+         "and over 512 (the engine's first key span), with the query groups folded (no "
+         "grouped-query heads), and with each SDPA backend forced (which kernel a boolean "
+         "mask with grouped-query heads gets)"),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),

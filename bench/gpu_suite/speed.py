@@ -1,7 +1,9 @@
 """Parts `speed`, `transformers` and `transformers_compiled`: the issue's speed figures for
 our engine and for transformers' CSM on the same device and the same weights (the `models`
 folder), in the same run, with bench/run.py's measurements. The report divides one by the
-other. The weights are random: these are speed figures only.
+other. `speed_whole_window` is `speed` with attention over the whole window, the engine
+before key spans (frame_step.py), for a before-and-after in one run. The weights are random:
+these are speed figures only.
 """
 
 from __future__ import annotations
@@ -10,19 +12,30 @@ import math
 import time
 
 from csm.engine import Engine
+from csm.frame_step import KEY_BLOCK
 
 from .. import run as bench
 from .context import Context
 
 
 def ours(ctx: Context) -> None:
+    _ours(ctx, KEY_BLOCK)
+
+
+def ours_whole_window(ctx: Context) -> None:
+    """The same with attention over the whole window: the engine before key spans."""
+    _ours(ctx, bench.SHAPES[ctx.mode.main_shapes].backbone.max_seq_len)
+
+
+def _ours(ctx: Context, key_block: int) -> None:
     mode, device = ctx.mode, ctx.device
     ctx.record(shapes=mode.main_shapes, dtype=mode.speed_dtype, frames=mode.frames,
-               reps=mode.reps, graphs=mode.graphs)
+               reps=mode.reps, graphs=mode.graphs, key_block=key_block)
     ctx.step("Engine.load")
     start = time.perf_counter()
     with Engine.load(ctx.model_dir(mode.main_shapes), device=device, dtype=ctx.dtype,
-                     max_batch=max(mode.concurrency), use_graphs=mode.graphs) as engine:
+                     max_batch=max(mode.concurrency), use_graphs=mode.graphs,
+                     key_block=key_block) as engine:
         bench.sync(device)
         ctx.record(startup_ms=dict(engine.startup_ms,
                                    total=1000 * (time.perf_counter() - start)))

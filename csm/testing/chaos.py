@@ -4,9 +4,10 @@ Jobs of random prompt lengths (some exactly at the edge of the position window),
 piece counts, consumed whole or as they stream, cancelled at random moments (while pending,
 while prefilling, mid-frame, after the end), some with a consumer that raises. Afterwards:
 every job ended within the deadline in a way it may end; no step or prefill touched a
-position outside the window; every completed job drew exactly the codes it draws alone
-(and every cancelled one a prefix of them); nothing is left in a slot or queue and no job
-object outlives the run; the engine still serves a normal job.
+position outside the window, or attended over a key span that leaves out a live position;
+every completed job drew exactly the codes it draws alone (and every cancelled one a prefix
+of them); nothing is left in a slot or queue and no job object outlives the run; the engine
+still serves a normal job.
 
 Used by tests/test_chaos.py (CPU, tiny model) and the GPU suite. The weights are random: the
 audio is noise, only the bookkeeping is checked.
@@ -97,17 +98,23 @@ class ChaosReport:
         return not self.problems
 
 
+def sized_segment(engine: Engine, text: str, speaker: int, positions: int,
+                  rng: random.Random) -> Segment:
+    """A context turn of random codes sized so that the prompt for `text` is exactly
+    `positions` long."""
+    target = len(engine.tokenizer.encode_turn(speaker, text))
+    turn = len(engine.tokenizer.encode_turn(speaker, "edge"))
+    audio_frames = positions - target - turn - 1  # minus the end-of-audio frame
+    codes = torch.tensor([[rng.randrange(2048) for _ in range(audio_frames)]
+                          for _ in range(32)])
+    return Segment(speaker=speaker, text="edge", codes=codes)
+
+
 def _edge_segment(engine: Engine, text: str, speaker: int, frames: int,
                   rng: random.Random) -> Segment:
     """A context turn sized so that the prompt for `text` is the longest the window allows
     with `frames` frames to draw (the reference accepts prompt < window - frames)."""
-    target = len(engine.tokenizer.encode_turn(speaker, text))
-    turn = len(engine.tokenizer.encode_turn(speaker, "edge"))
-    longest = engine.max_positions - frames - 1
-    audio_frames = longest - target - turn - 1  # minus the end-of-audio frame
-    codes = torch.tensor([[rng.randrange(2048) for _ in range(audio_frames)]
-                          for _ in range(32)])
-    return Segment(speaker=speaker, text="edge", codes=codes)
+    return sized_segment(engine, text, speaker, engine.max_positions - frames - 1, rng)
 
 
 def make_specs(engine: Engine, voice: Segment, seed: int, jobs: int) -> list[Spec]:
@@ -142,21 +149,34 @@ def make_specs(engine: Engine, voice: Segment, seed: int, jobs: int) -> list[Spe
 
 
 class _Window:
-    """Records the highest position any prefill or frame step used (wraps, then restores)."""
+    """Records the highest position any prefill or frame step used, and every live position
+    that was not inside the key span its step attended over (wraps, then restores)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.max_position = -1
+        self.outside_span: list[str] = []
         stepper, model = engine.scheduler.stepper, engine.model
         self._step, self._prefill = stepper.step, model.prefill
 
-        def step(n: int) -> torch.Tensor:
-            self.max_position = max(self.max_position, int(stepper.position[:n].max()))
-            return self._step(n)
+        def step(n: int, keys: int) -> torch.Tensor:
+            positions = stepper.position[:n]
+            self.max_position = max(self.max_position, int(positions.max()))
+            live = positions[stepper.remaining[:n] > 0]
+            if len(live) and int(live.max()) >= keys:
+                self.outside_span.append(f"a frame step at position {int(live.max())} "
+                                         f"attended over {keys} positions")
+            return self._step(n, keys)
 
-        def prefill(tokens, mask, pos, rows):
+        def prefill(tokens, mask, pos, rows, keys=None):
             self.max_position = max(self.max_position, int(pos.max()))
-            return self._prefill(tokens, mask, pos, rows)
+            # A frame step feeds its parked rows too, at the window's last position: they
+            # draw nothing that is used, so only the other positions must be in the span.
+            used = pos[pos != stepper.park_position]
+            if keys is not None and len(used) and int(used.max()) >= keys:
+                self.outside_span.append(f"a prefill to position {int(used.max())} attended "
+                                         f"over {keys} positions")
+            return self._prefill(tokens, mask, pos, rows, keys)
 
         stepper.step, model.prefill = step, prefill
 
@@ -194,6 +214,7 @@ def run_chaos(engine: Engine, voice: Segment, seed: int, jobs: int = 200,
     if window.max_position >= engine.max_positions:
         problems.append(f"a step or prefill used position {window.max_position}, outside the "
                         f"{engine.max_positions}-position window")
+    problems += window.outside_span[:3]
     generations = [weakref.ref(o.generation) for o in outcomes if o.generation is not None]
     for outcome in outcomes:
         outcome.generation = None
