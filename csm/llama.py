@@ -99,19 +99,24 @@ class Attention(nn.Module):
         """One matmul for q, k and v: the three weights become views of one tensor."""
         self.wqkv = _fuse(self.q_proj, self.k_proj, self.v_proj)
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor) -> Tensor:
+        """The q, k and v heads side by side: [B, S, heads + 2 * kv_heads, head_size]."""
         if self.wqkv is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
-        return F.linear(x, self.wqkv).split([nq, nkv, nkv], dim=-1)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        else:
+            qkv = F.linear(x, self.wqkv)
+        return qkv.view(*x.shape[:2], -1, self.hd)
 
     def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice,
                 keys: int) -> Tensor:
         b, s, _ = x.shape
-        q, k, v = self._qkv(x)
-        q = apply_rope(q.view(b, s, self.n_heads, self.hd), rope).transpose(1, 2)
-        k = apply_rope(k.view(b, s, self.n_kv, self.hd), rope).transpose(1, 2)
-        v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        qkv = self._qkv(x)
+        # q and k rotated in one go: half the RoPE kernels of rotating each (the depth decoder
+        # runs 124 layers per frame).
+        qk = apply_rope(qkv[:, :, :self.n_heads + self.n_kv], rope)
+        q = qk[:, :, :self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads:].transpose(1, 2)
+        v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
         index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
         # Written into the whole row (a parked row sits at the window's last position), read
