@@ -64,6 +64,10 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "and over 512 (the engine's first key span), with the query groups folded (no "
          "grouped-query heads), and with each SDPA backend forced (which kernel a boolean "
          "mask with grouped-query heads gets)"),
+    Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 300, "cpu": 600},
+         "the torch.compile lead: batch 1 with the depth decoder compiled by inductor inside "
+         "our CUDA graphs, against the engine as it is, same run (compiling takes minutes: "
+         "--parts models,compiled)", in_default_run=False),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),

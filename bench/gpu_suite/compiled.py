@@ -1,0 +1,79 @@
+"""Part `compiled` (named with --parts, not in the default run): the torch.compile lead,
+measured before anything is built for it.
+
+The depth decoder's 31 passes per frame hold almost every operation of a frame step (1778 of
+1831 at tiny shapes), most of them small: at batch 1 on a GPU their launches and latencies,
+more than the bytes they read, may bound a frame even when replayed from a CUDA graph.
+Inductor fuses the elementwise ones into fewer kernels.
+
+Batch 1 at the main shapes in the speed dtype, graphs as deployed, two engines built the same
+way from the same folder in one run: as it is, and with `CSM.decode_codes` compiled by
+inductor (full graph, static shapes) before the frame step is captured, so that its kernels
+are replayed inside our graphs. Measured: frames/s and real-time factor of each, the time
+compiling added to start-up and the first job, and the first frame where the compiled
+engine's codes leave the plain one's (inductor may round differently: for information).
+Inductor caches what it compiled on disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same
+place compiles in seconds, so the first run on a machine is the one that shows the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from csm.checkpoint import load_model
+from csm.codec import MimiCodec
+from csm.engine import Engine, GenerationRequest
+from csm.scheduler import STALL_TIMEOUT_S
+from csm.text_tokenizer import TextTokenizer
+
+from .. import run as bench
+from .context import Context
+from .graphs_eager import first_difference
+
+
+def build(ctx: Context, compiled: bool) -> Engine:
+    folder, device = ctx.model_dir(ctx.mode.main_shapes), ctx.device
+    model = load_model(folder, device, ctx.dtype)
+    if compiled:
+        # Compiled at the first call: the capture's warm-up step, before the graph is taken.
+        model.decode_codes = torch.compile(model.decode_codes, fullgraph=True, dynamic=False)
+    # Without graphs (the CPU mode) compiling happens in the loop's first step, for minutes:
+    # the watchdog must not take that for a hung device.
+    return Engine(model, TextTokenizer(folder / "tokenizer.json"),
+                  MimiCodec.load(folder / "mimi", device), None, max_batch=1,
+                  use_graphs=ctx.mode.graphs,
+                  stall_timeout_s=max(STALL_TIMEOUT_S, ctx.remaining_s))
+
+
+def run(ctx: Context) -> None:
+    mode = ctx.mode
+    ctx.record(shapes=mode.main_shapes, dtype=mode.speed_dtype, frames=mode.frames,
+               reps=mode.reps, graphs=mode.graphs)
+    request = GenerationRequest(text=bench.TEXT, max_audio_length_ms=mode.frames * 80, seed=1,
+                                stop_at_end_frame=False)
+    codes = {}
+    for label in ("plain", "compiled"):
+        ctx.step(f"{label}: building the engine, then a first job")
+        start = time.perf_counter()
+        with build(ctx, label == "compiled") as engine:
+            # Compiling happens in the graph capture (GPU) or in this first job (CPU).
+            codes[label] = engine.generate(request).codes
+            bench.sync(ctx.device)
+            ready_s = time.perf_counter() - start
+            ctx.step(f"{label}: batch 1")
+            ctx.record(**{label: dict(bench.ours(engine, mode.frames, mode.reps),
+                                      built_and_first_job_s=ready_s)})
+    measured = ctx.result["measurements"]
+    plain, compiled = (measured[label]["frames_per_s"]["median"]
+                       for label in ("plain", "compiled"))
+    ctx.record(compiled_over_plain_frames_per_s=compiled / plain,
+               compile_added_s=(measured["compiled"]["built_and_first_job_s"]
+                                - measured["plain"]["built_and_first_job_s"]),
+               first_differing_frame=first_difference(codes["plain"], codes["compiled"]))
+    ctx.check("both engines drew every frame at a positive, finite speed",
+              all(c.shape[1] == mode.frames for c in codes.values())
+              and all(math.isfinite(f) and f > 0 for f in (plain, compiled)),
+              {"frames": [c.shape[1] for c in codes.values()], "frames_per_s": [plain, compiled]})
