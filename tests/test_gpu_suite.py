@@ -80,6 +80,8 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert set(graphs["tiny_bf16"]["first_differing_frame_vs_fp32"]) == set("abcdefghi")
     # On the CPU Mimi's streaming decode matches to float rounding.
     assert all(v < 1e-5 for v in parts["mimi"]["max_relative_difference"].values())
+    steps = parts["mimi"]["decode_step_ms_one_live_row"]
+    assert list(steps) == ["1", "4"] and all(positive(ms) for ms in steps.values())
     worker = parts["worker"]
     assert worker["window_edge"]["last_position"] == 2046  # the window's last free position
     assert positive(worker["stream"]["stream_first_chunk_ms"]["median"])

@@ -9,10 +9,15 @@ match, within TOLERANCE of its peak:
 - the same schedule with moshi's graphs off (`moshi.utils.compile.no_cuda_graph`),
 - the clip alone, streaming in a batch of one (batched rows equal solo rows),
 - the clip decoded whole, not streaming.
+
+Measured: one streaming decode step with one live row, on as many rows as the speed part's
+engines hold (1 to 64 on a GPU). The scheduler decodes all of its rows every frame, live or
+not: this says what the idle ones cost (the lead "decode only live rows").
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from csm.codec import NUM_CODEBOOKS, MimiCodec
 
+from ..run import sync
 from .context import Context
 
 STEPS = 20
@@ -70,6 +76,23 @@ def streamed(codec: MimiCodec, clips: list[Clip], codes: list[Tensor], garbage: 
     return [torch.cat(a) for a in audio]
 
 
+def decode_step_ms(codec: MimiCodec, rows: int, reps: int) -> float:
+    """Median milliseconds of one streaming decode step on `rows` rows, only row 0 live."""
+    mimi, dev = codec.streamer, codec.device
+    frame = torch.zeros(rows, NUM_CODEBOOKS, 1, dtype=torch.long, device=dev)
+    times = []
+    with mimi.streaming(rows):
+        mimi.set_exec_mask(row_mask([0], rows, dev))
+        for rep in range(reps + 3):  # the first calls warm up and capture moshi's graphs
+            sync(dev)
+            start = time.perf_counter()
+            mimi.decode(frame)
+            sync(dev)
+            if rep >= 3:
+                times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def row_mask(rows: list[int], size: int, device: torch.device) -> Tensor:
     mask = torch.zeros(size, dtype=torch.bool)
     mask[rows] = True
@@ -107,6 +130,10 @@ def run(ctx: Context) -> None:
         ctx.step("each clip alone, streaming")
         solo = [streamed(codec, [Clip(0, c.steps)], [codes[i]], garbage, 1)[0]
                 for i, c in enumerate(clips)]
+        ctx.step("one live row on many rows, timed")
+        reps = 20 if ctx.device.type == "cuda" else 3
+        timings["decode_step_ms_one_live_row"] = {
+            str(n): decode_step_ms(codec, n, reps) for n in ctx.mode.concurrency}
     comparisons = {
         "graphed_vs_eager_streaming": [relative_difference(g, e) for g, e in zip(graphed, eager)],
         "batched_vs_solo": [relative_difference(g, s) for g, s in zip(graphed, solo)],

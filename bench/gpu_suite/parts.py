@@ -44,7 +44,7 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "codes, tiny and csm-1b shapes); bf16 against fp32 (first differing frame, logits)"),
     Part("mimi", "bench.gpu_suite.mimi:run", {"gpu": 25, "cpu": 30},
          "Mimi's graphed streaming decode with exec_mask against the eager and whole-clip "
-         "decodes; batched rows against solo rows"),
+         "decodes; batched rows against solo rows; a step's time with one live row on many"),
     Part("chaos", "bench.gpu_suite.chaos:run", {"gpu": 30, "cpu": 60},
          "the frame loop's seeded random mix of jobs (window edge, pieces, cancels at every "
          "stage, raising consumers): every job ends, batched codes equal solo codes"),
