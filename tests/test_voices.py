@@ -125,11 +125,11 @@ class PrefillLog:
         self.calls: list[int] = []
         real = CSM.prefill
 
-        def counted(model: CSM, tokens, mask, pos, rows):
+        def counted(model: CSM, tokens, mask, pos, rows, keys=None):
             fed_back_frame = tokens.shape[1] == 1 and not mask[..., -1].any()
             if not fed_back_frame:
                 self.calls.append(tokens.shape[1])
-            return real(model, tokens, mask, pos, rows)
+            return real(model, tokens, mask, pos, rows, keys)
 
         monkeypatch.setattr(CSM, "prefill", counted)
 
