@@ -38,7 +38,8 @@ def _ours(ctx: Context, key_block: int) -> None:
                      key_block=key_block) as engine:
         bench.sync(device)
         ctx.record(startup_ms=dict(engine.startup_ms,
-                                   total=1000 * (time.perf_counter() - start)))
+                                   total=1000 * (time.perf_counter() - start)),
+                   graphs_captured=len(engine.scheduler.stepper.graphs))
         ctx.step("batch 1")
         ctx.record(batch1=bench.ours(engine, mode.frames, mode.reps))
         rows: list[dict] = []
