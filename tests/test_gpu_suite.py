@@ -86,6 +86,9 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert worker["window_edge"]["last_position"] == 2046  # the window's last free position
     assert positive(worker["stream"]["stream_first_chunk_ms"]["median"])
     assert positive(worker["verify_watermark"]["ms"])
+    period = worker["watermark_period"]
+    assert positive(period["ms"]) and round(period["audio_ms"]) == 975
+    assert period["real_time_streams"] == pytest.approx(period["audio_ms"] / period["ms"])
     assert {"weights", "codec", "watermark", "voices", "warm_up"} <= set(worker["startup_ms"])
     assert 0 < worker["worker_start_s"] < worker["ready_after_process_start_s"]
     speed = parts["speed"]

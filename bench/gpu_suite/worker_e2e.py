@@ -2,7 +2,8 @@
 
 As RunPod drives it (one asyncio loop, up to 8 jobs at once), on the mode's main shapes:
 time to the first streamed chunk with a preset voice; a whole and a streamed job, both
-watermarked; `verify_watermark` and its time; 8 jobs at once; a streamed job whose caller
+watermarked; `verify_watermark` and its time; one stream's watermarking call and how many
+streams a worker can keep marked in real time; 8 jobs at once; a streamed job whose caller
 hangs up after the first chunk (cancelled) and one whose consumer raises, while others run;
 8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
 audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
@@ -16,6 +17,7 @@ import asyncio
 import base64
 import io
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,14 @@ import numpy as np
 import soundfile as sf
 
 from csm.text_tokenizer import TextTokenizer
+from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream, parse_key
 from worker.service import Worker
 
 from ..run import TEXT, start_worker, worker_stream
 from .context import Context
 
 CONCURRENCY = 8
+KEY = "17,29,113,200,5"
 LONG_MS = 90_000  # the abandoned jobs: far longer than anything else here
 # The window-edge job's context: about EDGE_TEXT_POSITIONS of text (cheap to prefill), then
 # reference audio (12.5 positions a second) up to about EDGE_POSITIONS of the 2048, which
@@ -89,6 +93,24 @@ async def abandoned(ctx: Context, worker: Worker) -> None:
               isinstance(raised, ConsumerError) and not isinstance(whole, BaseException)
               and not isinstance(streamed, BaseException) and complete(ctx, whole, False)
               and complete(ctx, streamed, True), repr(raised))
+
+
+def watermark_period(worker: Worker, reps: int) -> dict[str, float]:
+    """A stream is marked one period of the key at a time (~0.975 s of audio, see
+    csm.watermark.WatermarkStream), and marking calls take turns process-wide (silentcipher's
+    shared STFT): the period's length over one call's time is how many streams one worker
+    can keep marked in real time, whatever the engine could generate."""
+    samples = np.random.default_rng(0).standard_normal(WatermarkStream.PERIOD) * 0.1
+    samples = samples.astype(np.float32)
+    message = list(parse_key(KEY))
+    times = []
+    for _ in range(reps + 1):  # the first call warms up
+        start = time.perf_counter()
+        worker.engine.watermarker.encode_44k(samples, message)
+        times.append(1000 * (time.perf_counter() - start))
+    ms = statistics.median(times[1:])
+    audio_ms = 1000 * WatermarkStream.PERIOD / WATERMARK_SAMPLE_RATE
+    return {"ms": ms, "audio_ms": audio_ms, "real_time_streams": audio_ms / ms}
 
 
 def reference_audio(seconds: float) -> str:
@@ -156,6 +178,8 @@ async def scenario(ctx: Context, worker: Worker) -> None:
                                  "watermarked": verdict.get("watermarked")})
     ctx.check("verify_watermark answers true or false",
               isinstance(verdict.get("watermarked"), bool), verdict)
+    ctx.step("watermarking one stream's period")
+    ctx.record(watermark_period=watermark_period(worker, 5 if ctx.device.type == "cuda" else 2))
     ctx.step("8 jobs at once")
     before_s, done = await eight_at_once(ctx, worker, 100)
     ctx.check("8 jobs at once (whole and streamed, every format) all complete", all(done), done)
@@ -178,7 +202,7 @@ def run(ctx: Context) -> None:
     ctx.step("Worker.start")
     start = time.perf_counter()
     worker = start_worker(ctx.model_dir(ctx.mode.main_shapes), ctx.device, CONCURRENCY,
-                          CSM_WATERMARK_KEY="17,29,113,200,5",
+                          CSM_WATERMARK_KEY=KEY,
                           CSM_MAX_CONTEXT_SECONDS=str(EDGE_MAX_CONTEXT_S),
                           CSM_MAX_REFERENCE_BYTES=str(16 * 2**20))
     ctx.record(ready_after_process_start_s=time.time() - ctx.spawned_at,
