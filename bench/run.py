@@ -22,6 +22,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def stats(values: list[float]) -> dict[str, float]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_ms(call: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of one call, after two warm-up calls."""
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def peak_memory_mb(device: torch.device) -> float:

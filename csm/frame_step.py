@@ -53,16 +53,17 @@ class FrameStepper:
     the last cache position of its own row, which no live position attends to.
     """
 
-    def __init__(self, model: CSM, max_batch: int, park_position: int,
-                 use_graphs: bool | None = None, key_block: int = KEY_BLOCK):
+    def __init__(self, model: CSM, max_batch: int, use_graphs: bool | None = None,
+                 key_block: int = KEY_BLOCK):
         self.model = model
         self.window = model.cfg.backbone.max_seq_len
+        self.park_position = self.window - 1
         self.key_block = key_block
         dev = model.codebook0_head.weight.device
         dtype = model.codebook0_head.weight.dtype
-        self.park_position = park_position
         self.h = torch.zeros(max_batch, model.cfg.backbone.dim, dtype=dtype, device=dev)
-        self.position = torch.full((max_batch,), park_position, dtype=torch.long, device=dev)
+        self.position = torch.full((max_batch,), self.park_position, dtype=torch.long,
+                                   device=dev)
         self.remaining = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.sampling = SamplingState(
             temperature=torch.ones(max_batch, device=dev),
@@ -98,7 +99,7 @@ class FrameStepper:
             # The piece builder keeps prompts inside the window; this is the last line before
             # an out-of-range cache index, which on a GPU poisons the whole CUDA context.
             raise ValueError(f"a piece of {frames} frames after {position} prompt positions "
-                             f"does not fit the {self.park_position + 1}-position window")
+                             f"does not fit the {self.window}-position window")
         self.h[row].copy_(h)
         self.position[row] = position
         self.remaining[row] = frames

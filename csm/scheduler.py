@@ -154,8 +154,7 @@ class Scheduler:
         self.stall_timeout_s = stall_timeout_s
         self.device = model.codebook0_head.weight.device
         model.setup_caches(max_batch)
-        self.stepper = FrameStepper(model, max_batch, model.cfg.backbone.max_seq_len - 1,
-                                    use_graphs, key_block)
+        self.stepper = FrameStepper(model, max_batch, use_graphs, key_block)
         # Every row's codes for each step of the current block, on the device.
         self.block_codes = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
                                        dtype=torch.long, device=self.device)

@@ -1,4 +1,4 @@
-"""bench.ops, the operation counter that stands in for a GPU's kernel count (tiny RANDOM weights)."""
+"""bench.ops, the operation counter standing in for a GPU's kernel count (tiny RANDOM weights)."""
 
 from __future__ import annotations
 

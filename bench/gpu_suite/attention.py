@@ -21,36 +21,19 @@ The frame step makes one such call per backbone layer (16 at csm-1b) per frame.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..run import SHAPES, sync
+from ..run import SHAPES, time_ms
 from .context import Context
 
 FULL, BUCKET = 2048, 512
 POSITION = 400  # the query's own position: a preset voice's prompt and some audio
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-
-
-def time_ms(call: Callable[[], Tensor], device: torch.device, reps: int) -> float:
-    """Median milliseconds of one call, after two warm-up calls."""
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        call()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def refused(e: Exception, said: list[warnings.WarningMessage]) -> str:

@@ -17,7 +17,6 @@ not: this says what the idle ones cost (the lead "decode only live rows").
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from csm.codec import NUM_CODEBOOKS, MimiCodec
 
-from ..run import sync
+from ..run import time_ms
 from .context import Context
 
 STEPS = 20
@@ -77,20 +76,13 @@ def streamed(codec: MimiCodec, clips: list[Clip], codes: list[Tensor], garbage: 
 
 
 def decode_step_ms(codec: MimiCodec, rows: int, reps: int) -> float:
-    """Median milliseconds of one streaming decode step on `rows` rows, only row 0 live."""
+    """Median milliseconds of one streaming decode step on `rows` rows, only row 0 live (the
+    warm-up calls also capture moshi's graphs)."""
     mimi, dev = codec.streamer, codec.device
     frame = torch.zeros(rows, NUM_CODEBOOKS, 1, dtype=torch.long, device=dev)
-    times = []
     with mimi.streaming(rows):
         mimi.set_exec_mask(row_mask([0], rows, dev))
-        for rep in range(reps + 3):  # the first calls warm up and capture moshi's graphs
-            sync(dev)
-            start = time.perf_counter()
-            mimi.decode(frame)
-            sync(dev)
-            if rep >= 3:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        return time_ms(lambda: mimi.decode(frame), dev, reps)
 
 
 def row_mask(rows: list[int], size: int, device: torch.device) -> Tensor:

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import io
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from csm.text_tokenizer import TextTokenizer
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream, parse_key
 from worker.service import Worker
 
-from ..run import TEXT, start_worker, worker_stream
+from ..run import TEXT, start_worker, time_ms, worker_stream
 from .context import Context
 
 CONCURRENCY = 8
@@ -103,12 +102,8 @@ def watermark_period(worker: Worker, reps: int) -> dict[str, float]:
     samples = np.random.default_rng(0).standard_normal(WatermarkStream.PERIOD) * 0.1
     samples = samples.astype(np.float32)
     message = list(parse_key(KEY))
-    times = []
-    for _ in range(reps + 1):  # the first call warms up
-        start = time.perf_counter()
-        worker.engine.watermarker.encode_44k(samples, message)
-        times.append(1000 * (time.perf_counter() - start))
-    ms = statistics.median(times[1:])
+    ms = time_ms(lambda: worker.engine.watermarker.encode_44k(samples, message),
+                 worker.engine.device, reps)
     audio_ms = 1000 * WatermarkStream.PERIOD / WATERMARK_SAMPLE_RATE
     return {"ms": ms, "audio_ms": audio_ms, "real_time_streams": audio_ms / ms}
 
