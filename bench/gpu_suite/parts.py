@@ -47,7 +47,8 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "decodes; batched rows against solo rows; a step's time with one live row on many"),
     Part("chaos", "bench.gpu_suite.chaos:run", {"gpu": 30, "cpu": 60},
          "the frame loop's seeded random mix of jobs (window edge, pieces, cancels at every "
-         "stage, raising consumers): every job ends, batched codes equal solo codes"),
+         "stage, raising consumers): every job ends, batched codes equal solo codes (or "
+         "part from them only at a tie within rounding)"),
     Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 70, "cpu": 150},
          "the worker end to end: whole and streamed jobs, 8 at once, a cancelled job, a "
          "raising consumer, the window edge, watermarking, verify_watermark timing"),
