@@ -78,6 +78,9 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert logits["job"] == "a" and logits["frames"] == 28
     assert 0 < logits["relative_error_median"] <= logits["relative_error_max"] < 0.05
     assert set(graphs["tiny_bf16"]["first_differing_frame_vs_fp32"]) == set("abcdefghi")
+    # On the CPU a job draws the same codes batched and alone (a GPU may part at ties).
+    assert graphs["tiny_fp32_batched_vs_alone"] == dict.fromkeys("abcdefghi")
+    assert parts["chaos"]["rounding_partings"] == [] and parts["chaos"]["problems"] == []
     # On the CPU Mimi's streaming decode matches to float rounding.
     assert all(v < 1e-5 for v in parts["mimi"]["max_relative_difference"].values())
     steps = parts["mimi"]["decode_step_ms_one_live_row"]

@@ -11,7 +11,9 @@ every step is recorded and must match.
 Then the same scenario in bf16 (graphs as deployed) against the fp32 codes: the first frame
 where each job's codes differ, and the relative error of the backbone's codebook-0 logits,
 teacher-forced on the fp32 codes. For information, on a GPU each job is also run alone and
-compared with its batched run (on the CPU, tests/test_engine.py holds them equal).
+compared with its batched run (on the CPU, tests/test_engine.py holds them equal): where they
+part, the margin of that draw alone says whether it was a tie within rounding (a batch rounds
+differently from a row alone) or a clear choice (csm/testing/draw_margins.py).
 
 In the CPU mode both runs are eager (graphs exist only on CUDA): the part then checks the
 scenario's machinery and that it is deterministic.
@@ -34,6 +36,7 @@ from torch import Tensor
 from csm.checkpoint import load_model
 from csm.engine import Engine, Generation, GenerationRequest
 from csm.prompt import Segment, build_prompt
+from csm.testing.draw_margins import parting, record_margins
 from csm.text_tokenizer import TextTokenizer
 
 from ..run import TEXT
@@ -41,6 +44,7 @@ from .context import Context
 
 MAX_BATCH = 8
 BLOCK_FRAMES = 4  # the scheduler hands audio out in blocks of up to 4 frames
+PROBES = 3  # jobs whose parting from alone is probed for its margin (seconds each)
 
 
 @dataclass(frozen=True)
@@ -195,18 +199,17 @@ def check_schedule(ctx: Context, label: str, run: ScenarioRun) -> None:
 def fp32_graphs_against_eager(ctx: Context, shapes: str) -> ScenarioRun:
     folder = ctx.model_dir(shapes)
     runs: dict[str, ScenarioRun] = {}
-    solo: dict[str, Tensor] = {}
+    partings: dict[str, str | None] = {}
     captured: list[tuple[int, int]] = []
     for label, graphs in (("eager", False), ("graphs", ctx.mode.graphs)):
         ctx.step(f"{shapes} fp32: the scenario, {label}")
         with Engine.load(folder, device=ctx.device, dtype=torch.float32, max_batch=MAX_BATCH,
                          use_graphs=graphs) as engine:
             runs[label] = run_scenario(engine, ctx.remaining_s)
-            if label == "graphs" and graphs:
+            if label == "graphs":
                 captured = sorted(engine.scheduler.stepper.graphs)
                 ctx.step(f"{shapes} fp32: each job alone")
-                solo = {job.name: engine.generate(job.request(SEEDS[job.name])).codes
-                        for job in SCRIPT}
+                partings = batched_against_alone(engine, runs[label])
     eager, graphed = runs["eager"], runs["graphs"]
     check_schedule(ctx, f"{shapes} fp32", graphed)
     ctx.check(f"{shapes} fp32: both runs stepped the same buckets",
@@ -223,13 +226,30 @@ def fp32_graphs_against_eager(ctx: Context, shapes: str) -> ScenarioRun:
     ctx.record(**{f"{shapes}_fp32": {
         "graphs": ctx.mode.graphs, "frames_stepped": len(graphed.buckets),
         "eager_s": eager.seconds, "graphs_s": graphed.seconds}})
-    if solo:
-        # Not a requirement: on a GPU a batch may round differently from a single row. The
-        # first frame where each job's batched codes leave its codes drawn alone (None: same).
-        ctx.record(**{f"{shapes}_fp32_batched_vs_alone": {
-            n: first_difference(graphed.codes[n], solo[n][:, :graphed.codes[n].shape[1]])
-            for n in solo}})
+    # Not a requirement: on a GPU a batch may round differently from a single row.
+    ctx.record(**{f"{shapes}_fp32_batched_vs_alone": partings})
     return graphed
+
+
+def batched_against_alone(engine: Engine, run: ScenarioRun) -> dict[str, str | None]:
+    """Per job: None where its batched codes are its codes alone; else where they first part
+    and that draw's margin alone (probed for the first PROBES jobs that part: a probe steps
+    every operation through Python)."""
+    partings: dict[str, str | None] = {}
+    probes = PROBES
+    for job in SCRIPT:
+        request, got = job.request(SEEDS[job.name]), run.codes[job.name]
+        frame = first_difference(got, engine.generate(request).codes[:, :got.shape[1]])
+        if frame is None:
+            partings[job.name] = None
+        elif probes == 0:
+            partings[job.name] = f"frame {frame} (not probed)"
+        else:
+            probes -= 1
+            alone = record_margins(engine, request)
+            found = parting([got], alone, prefix=job.cancel_after is not None)
+            partings[job.name] = str(found) if found else f"frame {frame}"
+    return partings
 
 
 def codebook0_logits(folder: Path, device: torch.device, dtype: torch.dtype, text: str,
