@@ -56,6 +56,30 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rope.unsqueeze(2)).flatten(3).type_as(x)
 
 
+def fold_mask(mask: Tensor, group: int) -> Tensor:
+    """Additive mask rows [B, S, keys] -> [B, 1, group * S, keys], a row per folded query row
+    (g, s) of `attend` (a view when S is 1)."""
+    b, s, keys = mask.shape
+    return mask[:, None].expand(b, group, s, keys).reshape(b, 1, group * s, keys)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention: q [B, H, S, D] over k, v [B, H_kv, keys, D] with a mask from
+    fold_mask; returns [B, S, H * D].
+
+    The query heads that share a key/value head (h // group, as `enable_gqa` pairs them) are
+    passed as that head's query rows (g, s), so the call has as many query heads as key/value
+    heads. Given grouped-query heads and a mask, no fused CUDA kernel takes the call (flash
+    takes no mask; memory-efficient and cuDNN take no grouped heads) and PyTorch falls back
+    to its unfused math path: several kernels per call, the keys and values copied per group.
+    """
+    b, heads, s, d = q.shape
+    kv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv * s, d), k, v,
+                                         attn_mask=mask)
+    return out.view(b, kv, heads // kv, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, heads * d)
+
+
 class Linear(nn.Linear):
     """nn.Linear without its random init: CSM's weights always come from a checkpoint (or a
     test fixture's own draw). The init is not just wasted work: on the meta device, where
@@ -123,10 +147,7 @@ class Attention(nn.Module):
         # over the first `keys` positions only.
         k_cache.scatter_(2, index, k)
         v_cache.scatter_(2, index, v)
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys],
-                                             attn_mask=mask[:, None],
-                                             enable_gqa=self.n_heads != self.n_kv)
-        return self.output_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.hd))
+        return self.output_proj(attend(q, k_cache[:, :, :keys], v_cache[:, :, :keys], mask))
 
 
 class FeedForward(nn.Module):
@@ -183,9 +204,13 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         """Derived tables, rebuilt after weights are materialised (they are never saved)."""
         self.register_buffer("rope", rope_table(self.cfg).to(device), persistent=False)
-        causal = torch.ones(self.cfg.max_seq_len, self.cfg.max_seq_len, dtype=torch.bool,
-                            device="cpu")
-        self.register_buffer("causal", causal.tril().to(device), persistent=False)
+        # Additive, in the weights' dtype: SDPA takes it as it is, where a boolean mask would
+        # be converted in every layer's call.
+        n = self.cfg.max_seq_len
+        above = torch.ones(n, n, dtype=torch.bool, device="cpu").triu(1)
+        causal = torch.zeros(n, n, device="cpu").masked_fill(above, float("-inf"))
+        self.register_buffer("causal", causal.to(device, self.norm.scale.dtype),
+                             persistent=False)
 
     def fuse(self) -> None:
         """Fewer, larger matmuls per layer (an engine-time optimisation; same numbers)."""
@@ -221,7 +246,7 @@ class Transformer(nn.Module):
         """
         keys = keys or self.cfg.max_seq_len
         rope = self.rope[pos]
-        mask = self.causal[:, :keys][pos]
+        mask = fold_mask(self.causal[:, :keys][pos], self.cfg.num_heads // self.cfg.num_kv_heads)
         for layer in self.layers:
             x = layer(x, rope, pos, mask, rows, keys)
         return self.norm(x)

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm.checkpoint import load_model
 from csm.engine import Engine, GenerationRequest, PromptTooLongError, Utterance
+from csm.llama import attend, fold_mask
 from csm.prompt import Segment
 from csm.model import SamplingState
 from csm.scheduler import CHECK_EVERY
@@ -119,6 +122,58 @@ def test_attention_over_a_key_span_equals_the_whole_window(plain_model):
     whole = model.backbone(*last, rows)
     assert torch.equal(model.backbone(*last, rows, keys=1024), whole)
     assert not torch.allclose(model.backbone(*last, rows, keys=512), whole)
+
+
+@pytest.mark.parametrize("queries", [1, 7])
+def test_folded_attention_is_grouped_query_attention(queries):
+    """`attend` passes each key/value head's query heads as its query rows: the numbers of
+    grouped-query attention with a boolean causal mask, for one new position and a prefill."""
+    gen = torch.Generator().manual_seed(queries)
+    b, heads, kv, keys, d = 2, 8, 2, 64, 16
+    q = torch.randn(b, heads, queries, d, generator=gen)
+    k, v = (torch.randn(b, kv, keys, d, generator=gen) for _ in range(2))
+    pos = torch.tensor([[40 + i for i in range(queries)], [9 + i for i in range(queries)]])
+    allowed = torch.arange(keys)[None, None] <= pos[..., None]  # [B, S, keys]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    got = attend(q, k, v, fold_mask(additive, heads // kv))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
+                                              enable_gqa=True)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(b, queries, heads * d),
+                               rtol=1e-6, atol=1e-6)
+
+
+class _AttentionCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, torch.dtype, torch.dtype, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__:
+            q, k, _, mask = args[:4]
+            self.calls.append((q.shape[1], k.shape[1], q.dtype, mask.dtype,
+                               bool((kwargs or {}).get("enable_gqa", False))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_every_attention_call_is_one_a_fused_cuda_kernel_takes(tiny_model_dir, dtype):
+    """Given a mask, PyTorch's fused CUDA kernels (memory-efficient, cuDNN) take only equal
+    query and key/value heads, and an additive mask is used as it is: a frame step's calls
+    (backbone and depth decoder) must be such calls, or on a GPU they run on the math path."""
+    model = load_model(tiny_model_dir, torch.device("cpu"), dtype)
+    model.setup_caches(2)
+    rows = slice(0, 2)
+    sampling = SamplingState(torch.ones(2), torch.full((2,), 5), torch.arange(2),
+                             torch.zeros(2, dtype=torch.long))
+    seen = _AttentionCalls()
+    with seen:
+        model.frame_step(torch.randn(2, model.cfg.backbone.dim, dtype=dtype),
+                         torch.tensor([30, 31]), sampling, rows, 512)
+    layers = model.cfg.backbone.num_layers + 31 * model.cfg.decoder.num_layers
+    assert len(seen.calls) == layers
+    assert all(q == k and mask == q_dtype == dtype and not gqa
+               for q, k, q_dtype, mask, gqa in seen.calls), set(seen.calls)
 
 
 @pytest.mark.parametrize("positions", [510, 512, 1022])

@@ -105,11 +105,12 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert list(attention["by_batch"]) == ["1", "4"]
     for row in attention["by_batch"].values():
         assert all(positive(row[f"{call}_ms"]) for call in (
-            "engine_call_2048", "engine_call_512", "folded_groups_2048"))
-        assert positive(row["math_2048_ms"])  # the one backend every device has
-        assert row["efficient_attention"].startswith("refused: ")  # a CUDA kernel
+            "engine_call_2048", "engine_call_512", "grouped_query_2048"))
+        for call in ("", "grouped_query_"):
+            assert positive(row[f"{call}math_2048_ms"])  # the one backend every device has
+            assert row[f"{call}efficient_attention"].startswith("refused: ")  # a CUDA kernel
     assert attention["masked_tail_relative_error"] == [0.0, 0.0]  # fp32 on the CPU: exact
-    assert all(e < 1e-5 for e in attention["folded_groups_relative_error"])
+    assert all(e < 1e-5 for e in attention["grouped_query_relative_error"])
     assert positive(parts["transformers"]["frames_per_s"]["median"])
     assert parts["transformers"]["compiled"] is False
 

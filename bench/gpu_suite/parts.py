@@ -61,10 +61,10 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "run it with --parts models,speed,speed_whole_window for a before and after",
          in_default_run=False),
     Part("attention", "bench.gpu_suite.attention:run", {"gpu": 10, "cpu": 30},
-         "one backbone attention call per decode step: over the whole 2048-position cache "
-         "and over 512 (the engine's first key span), with the query groups folded (no "
-         "grouped-query heads), and with each SDPA backend forced (which kernel a boolean "
-         "mask with grouped-query heads gets)"),
+         "one backbone attention call per decode step: the engine's (query heads folded "
+         "into key/value heads' rows, additive mask) over the whole 2048-position cache and "
+         "over 512 (the first key span), the grouped-query call with a boolean mask it made "
+         "before, and each with every SDPA backend forced (which kernels take them)"),
     Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 300, "cpu": 600},
          "the torch.compile lead: batch 1 with the depth decoder compiled by inductor inside "
          "our CUDA graphs, against the engine as it is, same run (compiling takes minutes: "
