@@ -131,7 +131,7 @@ class Attention(nn.Module):
             qkv = F.linear(x, self.wqkv)
         return qkv.view(*x.shape[:2], -1, self.hd)
 
-    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice,
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor | slice, mask: Tensor, rows: slice,
                 keys: int) -> Tensor:
         b, s, _ = x.shape
         qkv = self._qkv(x)
@@ -142,11 +142,15 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_heads:].transpose(1, 2)
         v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
-        index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
         # Written into the whole row (a parked row sits at the window's last position), read
         # over the first `keys` positions only.
-        k_cache.scatter_(2, index, k)
-        v_cache.scatter_(2, index, v)
+        if isinstance(pos, slice):
+            k_cache[:, :, pos].copy_(k)
+            v_cache[:, :, pos].copy_(v)
+        else:
+            index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
         return self.output_proj(attend(q, k_cache[:, :, :keys], v_cache[:, :, :keys], mask))
 
 
@@ -187,7 +191,7 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, pos: Tensor, mask: Tensor, rows: slice,
+    def forward(self, x: Tensor, rope: Tensor, pos: Tensor | slice, mask: Tensor, rows: slice,
                 keys: int) -> Tensor:
         x = x + self.attn(self.sa_norm(x), rope, pos, mask, rows, keys)
         return x + self.mlp(self.mlp_norm(x))
@@ -236,8 +240,11 @@ class Transformer(nn.Module):
             layer.attn.k_cache[row, :, :k.shape[1]].copy_(k)
             layer.attn.v_cache[row, :, :v.shape[1]].copy_(v)
 
-    def forward(self, x: Tensor, pos: Tensor, rows: slice, keys: int | None = None) -> Tensor:
-        """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them).
+    def forward(self, x: Tensor, pos: Tensor | slice, rows: slice,
+                keys: int | None = None) -> Tensor:
+        """x: [B, S, dim] at positions pos: [B, S] (long), cache rows `rows` (B of them); or
+        pos a slice of S positions that every row is at (the depth decoder's steps), which
+        reads the RoPE and mask tables as views instead of gathering them per row.
 
         Attention reads cache positions [0, keys) only (all of them when None), so a decode
         step costs what the positions in use cost, not the whole window. The caller keeps
@@ -245,8 +252,11 @@ class Transformer(nn.Module):
         nothing that is used.
         """
         keys = keys or self.cfg.max_seq_len
-        rope = self.rope[pos]
-        mask = fold_mask(self.causal[:, :keys][pos], self.cfg.num_heads // self.cfg.num_kv_heads)
+        if isinstance(pos, slice):
+            rope, mask = self.rope[pos][None], self.causal[pos, :keys][None]
+        else:
+            rope, mask = self.rope[pos], self.causal[:, :keys][pos]
+        mask = fold_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads)
         for layer in self.layers:
             x = layer(x, rope, pos, mask, rows, keys)
         return self.norm(x)

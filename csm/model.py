@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import CSMConfig
 from .llama import Embedding, Linear, Transformer
-from .sampling import gumbel_noise, sample_topk
+from .sampling import gumbel_noise, kth_index, sample_topk
 
 
 @dataclass
@@ -54,9 +54,7 @@ class CSM(nn.Module):
         self.decoder.init_buffers(device)
         offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
         self.register_buffer("codebook_offsets", offsets, persistent=False)
-        # The depth decoder always walks the same positions of its own short window.
-        self.register_buffer("decoder_positions",
-                             torch.arange(self.cfg.decoder.max_seq_len, device=device),
+        self.register_buffer("codebooks", torch.arange(self.cfg.num_codebooks, device=device),
                              persistent=False)
 
     def setup_caches(self, max_batch: int) -> None:
@@ -78,23 +76,22 @@ class CSM(nn.Module):
 
     def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
         """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
-        b, n = h.shape[0], self.cfg.num_codebooks
-        # Draw number of each codebook: frame * 32 + 0..31 (the positions table is that range).
-        draws = sampling.frame_index[:, None] * n + self.decoder_positions[:n]
+        n = self.cfg.num_codebooks
+        draws = sampling.frame_index[:, None] * n + self.codebooks  # frame * 32 + codebook
         noise = gumbel_noise(sampling.seed, draws, self.cfg.audio_vocab_size)  # [B, 32, V]
-        c0 = sample_topk(self.codebook0_head(h), sampling.temperature, sampling.topk,
-                         noise[:, 0])
+        kth = kth_index(sampling.topk, self.cfg.audio_vocab_size)
+        c0 = sample_topk(self.codebook0_head(h), sampling.temperature, kth, noise[:, 0])
         codes = [c0]
         # Positions 0 and 1 together: the backbone state, then codebook 0's embedding.
         x = torch.stack([h, self.audio_embeddings(c0)], dim=1)
-        pos = self.decoder_positions[:2].expand(b, 2)
+        pos = slice(0, 2)  # every row walks the same positions of the decoder's short window
         for i in range(1, n):
             out = self.decoder(self.projection(x), pos, rows)[:, -1]
             logits = torch.mm(out, self.audio_head[i - 1])
-            ci = sample_topk(logits, sampling.temperature, sampling.topk, noise[:, i])
+            ci = sample_topk(logits, sampling.temperature, kth, noise[:, i])
             codes.append(ci)
             x = self.audio_embeddings(ci + self.codebook_offsets[i]).unsqueeze(1)
-            pos = self.decoder_positions[i + 1:i + 2].expand(b, 1)
+            pos = slice(i + 1, i + 2)
         return torch.stack(codes, dim=1)
 
     def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState, rows: slice,

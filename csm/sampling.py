@@ -54,14 +54,21 @@ def gumbel_noise(seed: Tensor, counter: Tensor, n: int) -> Tensor:
     return -torch.log(-torch.log(uniform_noise(seed, counter, n)))
 
 
-def sample_topk(logits: Tensor, temperature: Tensor, topk: Tensor, gumbel: Tensor) -> Tensor:
-    """Per-row temperature and top-k, with that draw's Gumbel noise [B, V]; returns [B] ids.
+def kth_index(topk: Tensor, vocab: int) -> Tensor:
+    """[B, 1]: where each row's k-th largest logit sits among its top min(MAX_TOPK, vocab),
+    for sample_topk. The same for every draw of a frame, so computed once per frame."""
+    return (topk.clamp(1, min(MAX_TOPK, vocab)) - 1)[:, None]
+
+
+def sample_topk(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> Tensor:
+    """Per-row temperature and top-k (`kth` from kth_index), with that draw's Gumbel noise
+    [B, V]; returns [B] ids.
 
     argmax(logits / T + Gumbel) over the top k is a draw from softmax(top-k logits / T).
     Tokens tied with the k-th largest logit are kept, as the reference keeps them.
     """
     scaled = logits.float() / temperature[:, None]
     k_max = min(MAX_TOPK, scaled.shape[-1])
-    kth = torch.topk(scaled, k_max, dim=-1).values.gather(1, (topk.clamp(1, k_max) - 1)[:, None])
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    threshold = torch.topk(scaled, k_max, dim=-1).values.gather(1, kth)
+    scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     return torch.argmax(scaled + gumbel, dim=-1)

@@ -8,7 +8,7 @@ import torch
 
 from csm.conversation import FRAME_MS
 from csm.engine import Engine, GenerationRequest, Utterance
-from csm.sampling import sample_topk
+from csm.sampling import kth_index, sample_topk
 from csm.testing import chaos, draw_margins
 from csm.testing.draw_margins import draw_margin, joined, parting, record_margins
 
@@ -29,7 +29,8 @@ def alone(engine):
 
 
 def draw(scaled: torch.Tensor, gumbel: torch.Tensor, topk: int) -> int:
-    return int(sample_topk(scaled[None], torch.ones(1), torch.tensor([topk]), gumbel[None])[0])
+    kth = kth_index(torch.tensor([topk]), len(scaled))
+    return int(sample_topk(scaled[None], torch.ones(1), kth, gumbel[None])[0])
 
 
 def test_no_nudge_under_half_the_margin_changes_a_draw():

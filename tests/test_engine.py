@@ -354,18 +354,19 @@ def test_counter_based_noise_is_uniform_and_row_independent():
 
 
 def test_topk_sampling_keeps_only_the_top_k_with_softmax_odds():
-    from csm.sampling import gumbel_noise, sample_topk
+    from csm.sampling import gumbel_noise, kth_index, sample_topk
 
     rows = 4000
     logits = torch.arange(100, dtype=torch.float32).repeat(rows, 1)  # best token is 99
     noise = gumbel_noise(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 100)
-    draws = sample_topk(logits, torch.full((rows,), 1.0), torch.full((rows,), 3), noise)
+    draws = sample_topk(logits, torch.full((rows,), 1.0), kth_index(torch.full((rows,), 3), 100),
+                        noise)
     assert set(draws.tolist()) == {97, 98, 99}
     # softmax over logits 97, 98, 99 at temperature 1: 0.090, 0.245, 0.665
     share = torch.bincount(draws - 97, minlength=3).float() / rows
     assert torch.allclose(share, torch.tensor([0.090, 0.245, 0.665]), atol=0.03)
-    greedy = sample_topk(logits, torch.full((rows,), 0.9), torch.ones(rows, dtype=torch.long),
-                         noise)
+    greedy = sample_topk(logits, torch.full((rows,), 0.9),
+                         kth_index(torch.ones(rows, dtype=torch.long), 100), noise)
     assert set(greedy.tolist()) == {99}
 
 

@@ -320,7 +320,7 @@ def test_depth_decoder_logits_match(pair, monkeypatch):
                            generator=torch.Generator().manual_seed(4))
     recorded: list[torch.Tensor] = []
 
-    def record(logits, temperature, topk, gumbel):
+    def record(logits, temperature, kth, gumbel):
         recorded.append(logits.clone())
         return forced[len(recorded) - 1].view(1)
 
