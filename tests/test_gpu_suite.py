@@ -99,6 +99,9 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert positive(speed["batch1"]["real_time_factor"]["median"])
     assert [row["jobs"] for row in speed["concurrency"]] == [1, 4]
     assert speed["key_block"] == 512
+    launched = speed["frame_step_launches"]  # CUDA kernels on a GPU; operations on the CPU
+    assert launched["unit"] == "operations that write data" and launched["total"] > 1000
+    assert launched["most_frequent"]["aten.linear"] > 0
     assert {"weights", "codec", "watermark", "caches_and_graphs", "total"} <= set(
         speed["startup_ms"])
     attention = parts["attention"]

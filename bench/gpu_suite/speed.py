@@ -1,7 +1,8 @@
 """Parts `speed`, `transformers` and `transformers_compiled`: the issue's speed figures for
 our engine and for transformers' CSM on the same device and the same weights (the `models`
 folder), in the same run, with bench/run.py's measurements. The report divides one by the
-other. `speed_whole_window` is `speed` with attention over the whole window, the engine
+other. `speed` also records what one frame step launches (CUDA kernels on a GPU, by name:
+bench/ops.py). `speed_whole_window` is `speed` with attention over the whole window, the engine
 before key spans (frame_step.py), for a before-and-after in one run. The weights are random:
 these are speed figures only.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 import math
 import time
 
+import torch
+
 from csm.engine import Engine
 from csm.frame_step import KEY_BLOCK
 
 from .. import run as bench
+from ..ops import launches
 from .context import Context
 
 
@@ -47,6 +51,13 @@ def _ours(ctx: Context, key_block: int) -> None:
             ctx.step(f"{jobs} concurrent jobs")
             rows += bench.concurrency_sweep(engine, mode.frames, [jobs], sequential=False)
             ctx.record(concurrency=rows)
+        # Eager, one row over the first key span: what each replay of a graph runs. The
+        # engine is idle, so the step only moves a parked row's scratch state.
+        ctx.step("what one frame step launches")
+        stepper = engine.scheduler.stepper
+        with torch.inference_mode():
+            ctx.record(frame_step_launches=launches(lambda: stepper._step(1, stepper.spans[0]),
+                                                    device))
     figures = [ctx.result["measurements"]["batch1"]["frames_per_s"]["median"],
                *(r["aggregate_frames_per_s"] for r in rows)]
     ctx.check("every figure is positive and finite",
