@@ -69,9 +69,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
     The query heads that share a key/value head (h // group, as `enable_gqa` pairs them) are
     passed as that head's query rows (g, s), so the call has as many query heads as key/value
-    heads. Given grouped-query heads and a mask, no fused CUDA kernel takes the call (flash
-    takes no mask; memory-efficient and cuDNN take no grouped heads) and PyTorch falls back
-    to its unfused math path: several kernels per call, the keys and values copied per group.
+    heads. Given grouped-query heads and a mask, flash refuses the call (no mask) and so does
+    memory-efficient attention (no grouped heads, in PyTorch's sdp_utils.cpp); unless cuDNN
+    takes it, PyTorch falls back to its unfused math path: ~20 kernels per call, the keys and
+    values copied per group. The GPU suite's `attention` part shows which backend serves each.
     """
     b, heads, s, d = q.shape
     kv = k.shape[1]

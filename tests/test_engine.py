@@ -158,9 +158,10 @@ class _AttentionCalls(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
 def test_every_attention_call_is_one_a_fused_cuda_kernel_takes(tiny_model_dir, dtype):
-    """Given a mask, PyTorch's fused CUDA kernels (memory-efficient, cuDNN) take only equal
-    query and key/value heads, and an additive mask is used as it is: a frame step's calls
-    (backbone and depth decoder) must be such calls, or on a GPU they run on the math path."""
+    """Given a mask, PyTorch's memory-efficient CUDA kernel takes only equal query and
+    key/value heads (flash takes no mask), and an additive mask is used as it is: a frame
+    step's calls (backbone and depth decoder) must be such calls, or on a GPU they may run on
+    the unfused math path."""
     model = load_model(tiny_model_dir, torch.device("cpu"), dtype)
     model.setup_caches(2)
     rows = slice(0, 2)
