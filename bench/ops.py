@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -52,24 +49,6 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
-
-
-def launches(call: Callable[[], object], device: torch.device, top: int = 12) -> dict:
-    """What one call runs: on a GPU its CUDA kernels, as torch's profiler sees them (whatever
-    each operation turns into there: a fused kernel or several); elsewhere the operations
-    that write data (OpCounter)."""
-    if device.type == "cuda":
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
-            call()
-            torch.cuda.synchronize()
-        names = Counter(e.name[:120] for e in trace.events() if e.device_type == DeviceType.CUDA)
-        unit = "CUDA kernels"
-    else:
-        counter = OpCounter()
-        with counter:
-            call()
-        names, unit = counter.ops, "operations that write data"
-    return {"unit": unit, "total": sum(names.values()), "most_frequent": dict(names.most_common(top))}
 
 
 @torch.inference_mode()

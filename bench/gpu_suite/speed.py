@@ -1,8 +1,8 @@
 """Parts `speed`, `transformers` and `transformers_compiled`: the issue's speed figures for
 our engine and for transformers' CSM on the same device and the same weights (the `models`
 folder), in the same run, with bench/run.py's measurements. The report divides one by the
-other. `speed` also records what one frame step launches (CUDA kernels on a GPU, by name:
-bench/ops.py). `speed_whole_window` is `speed` with attention over the whole window, the engine
+other. `speed` also records what one frame step launches (CUDA kernels on a GPU, by name,
+from torch's profiler). `speed_whole_window` is `speed` with attention over the whole window, the engine
 before key spans (frame_step.py), for a before-and-after in one run. The weights are random:
 these are speed figures only.
 """
@@ -11,15 +11,37 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from csm.engine import Engine
 from csm.frame_step import KEY_BLOCK
 
 from .. import run as bench
-from ..ops import launches
 from .context import Context
+
+
+def launches(call: Callable[[], object], device: torch.device, top: int = 12) -> dict:
+    """What one call runs, from torch's profiler: on a GPU its CUDA kernels (whatever each
+    operation becomes there, one fused kernel or several); on the CPU, as a stand-in, the
+    ATen operations called directly (views included)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU]
+                 + ([ProfilerActivity.CUDA] if cuda else [])) as trace:
+        call()
+        bench.sync(device)
+    if cuda:
+        names = [e.name for e in trace.events() if e.device_type == DeviceType.CUDA]
+    else:
+        names = [e.name for e in trace.events() if e.name.startswith("aten::") and not (
+            e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    counts = Counter(name[:120] for name in names)
+    return {"unit": "CUDA kernels" if cuda else "ATen operations called directly",
+            "total": len(names), "most_frequent": dict(counts.most_common(top))}
 
 
 def ours(ctx: Context) -> None:

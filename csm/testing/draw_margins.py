@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from ..engine import Engine, GenerationRequest
 from ..sampling import MAX_TOPK, gumbel_noise
@@ -74,7 +74,7 @@ def draw_margin(scaled: Tensor, gumbel: Tensor, topk: int) -> tuple[float, int]:
     return (float(min(margins)) if margins else float("inf")), winner
 
 
-class _FrameDraws(TorchDispatchMode):
+class _FrameDraws(TorchFunctionMode):
     """Row 0's margin of each draw of one frame step, seen through sample_topk's top-k (its
     scaled logits) and argmax (its result); the noise is recomputed from the draw's key."""
 
@@ -84,11 +84,11 @@ class _FrameDraws(TorchDispatchMode):
         self.scaled: Tensor | None = None
         self.margins: list[float] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.topk.default:
+        if func is torch.topk:
             self.scaled = args[0][0]
-        elif func is torch.ops.aten.argmax.default:
+        elif func is torch.argmax:
             if self.scaled is None:
                 raise RuntimeError("an argmax without a top-k before it: sample_topk changed, "
                                    "and so must this probe")
