@@ -89,7 +89,7 @@ def changed(pieces: list[torch.Tensor], piece: int, frame: int, codebook: int):
 
 def test_a_parting_is_found_at_its_first_draw_with_that_draws_margin(alone):
     assert parting(alone.pieces, alone, prefix=False) is None
-    got = changed(changed(alone.pieces, 1, 2, 0), 0, 4, 7)
+    got = changed(changed(changed(alone.pieces, 1, 2, 0), 0, 5, 2), 0, 4, 7)
     found = parting(got, alone, prefix=False)
     assert (found.piece, found.frame, found.codebook) == (0, 4, 7)
     assert found.margin == pytest.approx(float(alone.margins[0, 4][7]))

@@ -1,8 +1,8 @@
 """Part `compiled` (named with --parts, not in the default run): the torch.compile lead,
 measured before anything is built for it.
 
-The depth decoder's 31 passes per frame hold almost every operation of a frame step (1592 of
-1638 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
+The depth decoder's 31 passes per frame hold almost every operation of a frame step (1473 of
+1519 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
 launches and latencies, more than the bytes they read, may bound a frame even when replayed
 from a CUDA graph.
 Inductor fuses the elementwise ones into fewer kernels.

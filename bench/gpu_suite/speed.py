@@ -2,9 +2,9 @@
 our engine and for transformers' CSM on the same device and the same weights (the `models`
 folder), in the same run, with bench/run.py's measurements. The report divides one by the
 other. `speed` also records what one frame step launches (CUDA kernels on a GPU, by name,
-from torch's profiler). `speed_whole_window` is `speed` with attention over the whole window, the engine
-before key spans (frame_step.py), for a before-and-after in one run. The weights are random:
-these are speed figures only.
+from torch's profiler). `speed_whole_window` is `speed` with attention over the whole window,
+the engine before key spans (frame_step.py), for a before-and-after in one run. The weights
+are random: these are speed figures only.
 """
 
 from __future__ import annotations

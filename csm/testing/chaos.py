@@ -89,7 +89,6 @@ class Outcome:
         self.ended.set()
 
 
-@dataclass
 class TieAllowance:
     """exact=False: partings at a tie within rounding found so far, and how many more jobs
     that differ may be probed for one (a probe is slow; past the allowance, a job that

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..engine import Engine, GenerationRequest
-from ..sampling import MAX_TOPK, gumbel_noise
+from ..sampling import gumbel_noise, kth_index
 
 # fp32 rounding moves the test models' scaled logits (std ~1) by at most ~4e-6 (measured
 # against fp64, tiny and mid shapes, 40 frames): a margin under 1e-4 is a tie within
@@ -60,7 +60,7 @@ class MarginedRun:
 
 def draw_margin(scaled: Tensor, gumbel: Tensor, topk: int) -> tuple[float, int]:
     """(the margin, the token drawn) of one draw from scaled logits [V] and its noise [V]."""
-    k = min(max(topk, 1), MAX_TOPK, len(scaled))
+    k = int(kth_index(torch.tensor([topk]), len(scaled))) + 1  # sample_topk's k
     kth = scaled.topk(k).values[-1]
     scores = scaled + gumbel
     inside = scaled >= kth  # tokens tied with the k-th are candidates, as in sample_topk
