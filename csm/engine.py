@@ -170,7 +170,8 @@ class Engine:
     def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: MimiCodec,
                  watermarker: Watermarker | None, max_batch: int = 1,
                  startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None,
-                 stall_timeout_s: float = STALL_TIMEOUT_S, key_block: int = KEY_BLOCK):
+                 stall_timeout_s: float = STALL_TIMEOUT_S, key_block: int = KEY_BLOCK,
+                 compile_backend: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -180,11 +181,15 @@ class Engine:
         model.backbone.fuse()
         model.decoder.fuse()
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s,
-                                   key_block)
+                                   key_block, compile_backend)
         self.prefixes: list[tuple[Segment, Prefix]] = []
-        # Where start-up time went: weights, codec, watermark, caches and graph capture.
+        # Where start-up time went: weights, codec, watermark, compiling, caches and graphs.
         self.startup_ms = dict(startup_ms or {})
-        self.startup_ms["caches_and_graphs"] = 1000 * (time.perf_counter() - start)
+        compile_ms = self.scheduler.stepper.compile_ms
+        if compile_backend is not None:
+            self.startup_ms["compile"] = compile_ms
+        self.startup_ms["caches_and_graphs"] = (1000 * (time.perf_counter() - start)
+                                                - compile_ms)
 
     def close(self) -> None:
         """Stop the frame loop and let go of the model, codec and caches (device memory)."""
@@ -208,11 +213,13 @@ class Engine:
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, max_batch: int = 1,
              use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
-             key_block: int = KEY_BLOCK) -> "Engine":
+             key_block: int = KEY_BLOCK, compile_backend: str | None = None) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
 
         `key_block`: attention reads the cache in spans of this many positions (see
         frame_step.py); the window's length gives the whole-window baseline benchmarks use.
+        `compile_backend`: torch.compile's backend for the depth decoder ("inductor"), or None
+        (see FrameStepper.compile).
         """
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
@@ -232,7 +239,7 @@ class Engine:
                             lambda: Watermarker.load(model_dir / "silentcipher", device))
         return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
                    startup_ms=startup, use_graphs=use_graphs, stall_timeout_s=stall_timeout_s,
-                   key_block=key_block)
+                   key_block=key_block, compile_backend=compile_backend)
 
     @property
     def max_positions(self) -> int:

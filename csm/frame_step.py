@@ -3,8 +3,12 @@
 Everything one frame needs lives in preallocated per-row buffers (backbone hidden, position,
 sampling settings, frame counter), so a step has fixed shapes and no host synchronisation.
 On CUDA each batch-size bucket is captured once per key span as a graph and replayed per
-frame: the ~200 kernel launches of a frame become one. On the CPU the same function runs
-eagerly.
+frame: the ~2,700 kernel launches of a csm-1b frame become one. On the CPU the same function
+runs eagerly.
+
+Optionally the depth decoder and sampling (`CSM.decode_codes`, ~95% of a step's operations,
+most of them small) are compiled by torch.compile first, so that a replay runs fewer, fused
+kernels. Compiling specialises them to each bucket's batch size, at start-up.
 
 A key span is how many cache positions the backbone's attention reads: the smallest multiple
 of `key_block` that holds every live row's position, not the whole window. At csm-1b shapes
@@ -13,6 +17,8 @@ of the backbone's weights.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import Tensor
@@ -25,8 +31,18 @@ from .model import CSM, SamplingState
 KEY_BLOCK = 512
 
 
+# A compiled step has one version per bucket (1, 2, 4, ..., 128: 8 of them), and torch.compile
+# keeps at most 8 versions of a function by default (dynamo's `recompile_limit`, counted over
+# every engine of the process); with fullgraph=True one more fails.
+MAX_COMPILED_ROWS = 128
+
+
 class GraphCaptureError(RuntimeError):
     """The frame step could not be captured as CUDA graphs; the worker can serve without them."""
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed on the frame step; the worker can serve without it."""
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -54,7 +70,7 @@ class FrameStepper:
     """
 
     def __init__(self, model: CSM, max_batch: int, use_graphs: bool | None = None,
-                 key_block: int = KEY_BLOCK):
+                 key_block: int = KEY_BLOCK, compile_backend: str | None = None):
         self.model = model
         self.window = model.cfg.backbone.max_seq_len
         self.park_position = self.window - 1
@@ -75,6 +91,9 @@ class FrameStepper:
         self.spans = key_spans(self.window, key_block)
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, span) -> graph
+        self.compile_ms = 0.0
+        if compile_backend is not None:
+            self.compile(compile_backend)
         if self.use_graphs:
             try:
                 self.capture()
@@ -133,6 +152,27 @@ class FrameStepper:
             return self._step(n, keys)
         graph.replay()
         return self.codes[:n]
+
+    def compile(self, backend: str) -> None:
+        """Compile the model's `decode_codes` with torch.compile's `backend` ("inductor" in
+        production), one static version per bucket, each compiled here by a first step: no
+        job waits minutes for its bucket's first step, a failure is a start-up error of its
+        own, and graphs then capture the compiled kernels."""
+        if self.buckets[-1] > MAX_COMPILED_ROWS:
+            raise ValueError(f"a compiled frame step takes up to {MAX_COMPILED_ROWS} rows, "
+                             f"not {self.buckets[-1]}")
+        start = time.perf_counter()
+        try:
+            self.model.decode_codes = torch.compile(self.model.decode_codes, backend=backend,
+                                                    fullgraph=True, dynamic=False)
+            with torch.inference_mode():
+                for n in self.buckets:
+                    self._step(n, self.spans[0])
+        except Exception as e:
+            raise CompileError(f"compiling the depth decoder failed ({type(e).__name__}: {e}); "
+                               "CSM_COMPILE=0 serves without it") from e
+        self.h.zero_()
+        self.compile_ms = 1000 * (time.perf_counter() - start)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -147,14 +147,14 @@ class Occupant:
 class Scheduler:
     def __init__(self, model: CSM, codec: MimiCodec, max_batch: int,
                  use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
-                 key_block: int = KEY_BLOCK):
+                 key_block: int = KEY_BLOCK, compile_backend: str | None = None):
         self.model = model
         self.codec = codec
         self.max_batch = max_batch
         self.stall_timeout_s = stall_timeout_s
         self.device = model.codebook0_head.weight.device
         model.setup_caches(max_batch)
-        self.stepper = FrameStepper(model, max_batch, use_graphs, key_block)
+        self.stepper = FrameStepper(model, max_batch, use_graphs, key_block, compile_backend)
         # Every row's codes for each step of the current block, on the device.
         self.block_codes = torch.zeros(CHECK_EVERY, max_batch, model.cfg.num_codebooks,
                                        dtype=torch.long, device=self.device)

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from builder.fetch_weights import (CODEC, CSM, CSM_REPO, WATERMARK, FetchError, 
 from csm.checkpoint import INDEX_FILES, SINGLE_FILES, find_weight_files
 from csm.codec import WEIGHTS_FILE as MIMI_FILE
 from csm.engine import Engine
-from csm.frame_step import GraphCaptureError
+from csm.frame_step import CompileError, GraphCaptureError
 from csm.presets import PRESETS
 from csm.watermark import MODEL_FILES as WATERMARK_FILES
 
@@ -219,6 +220,20 @@ def download(kind: str, dest: Path, settings: Settings) -> ModelSource:
     return with_parts(kind, dest, settings, downloaded=True)
 
 
+def compile_backend(settings: Settings,
+                    environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """torch.compile's backend under CSM_COMPILE=1, with inductor's cache on the network
+    volume when there is one and TORCHINDUCTOR_CACHE_DIR is unset: a cold compile takes
+    minutes, loading the compiled kernels seconds, and /tmp goes with the worker."""
+    if not settings.compile:
+        return None
+    if "TORCHINDUCTOR_CACHE_DIR" not in environ and settings.volume_dir.is_dir():
+        environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.volume_dir / "torchinductor")
+    log.info("compiling the depth decoder, caching in %s",
+             environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp (lost with this worker)"))
+    return "inductor"
+
+
 def load_engine(source: ModelSource, settings: Settings) -> Engine:
     """The engine on the source's folder; a broken folder becomes one line that says what to do."""
     if settings.cuda_graphs is False:
@@ -228,8 +243,9 @@ def load_engine(source: ModelSource, settings: Settings) -> Engine:
         return Engine.load(source.folder, device=settings.device,
                            max_batch=settings.max_concurrency,
                            stall_timeout_s=settings.stall_timeout_s,
-                           use_graphs=settings.cuda_graphs)
-    except GraphCaptureError as e:
+                           use_graphs=settings.cuda_graphs,
+                           compile_backend=compile_backend(settings))
+    except (GraphCaptureError, CompileError) as e:
         raise StartupError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - any other failure means the folder can't serve
         log.debug("loading the model failed", exc_info=True)

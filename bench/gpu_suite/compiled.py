@@ -1,20 +1,20 @@
-"""Part `compiled` (named with --parts, not in the default run): the torch.compile lead,
-measured before anything is built for it.
+"""Part `compiled` (named with --parts, not in the default run): `CSM_COMPILE=1` against the
+engine as it is.
 
 The depth decoder's 31 passes per frame hold almost every operation of a frame step (1473 of
 1519 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
 launches and latencies, more than the bytes they read, may bound a frame even when replayed
-from a CUDA graph.
-Inductor fuses the elementwise ones into fewer kernels.
+from a CUDA graph. Inductor fuses the elementwise ones into fewer kernels.
 
-Batch 1 at the main shapes in the speed dtype, graphs as deployed, two engines built the same
-way from the same folder in one run: as it is, and with `CSM.decode_codes` compiled by
-inductor (full graph, static shapes) before the frame step is captured, so that its kernels
-are replayed inside our graphs. Measured: frames/s and real-time factor of each, the time
-compiling added to start-up and the first job, and the first frame where the compiled
-engine's codes leave the plain one's (inductor may round differently: for information).
-Inductor caches what it compiled on disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same
-place compiles in seconds, so the first run on a machine is the one that shows the cost.
+Batch 1 at the main shapes in the speed dtype, graphs as deployed, two engines loaded from the
+same folder in one run: as it is, and as `CSM_COMPILE=1` loads it, with `CSM.decode_codes`
+compiled by inductor (full graph, static shapes) at start-up, before the frame step is
+captured, so that its kernels are replayed inside our graphs. Measured: frames/s and real-time
+factor of each, the time compiling added to start-up and the first job (and the engine's own
+start-up breakdown), and the first frame where the compiled engine's codes leave the plain
+one's (inductor may round differently: for information). Inductor caches what it compiled on
+disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same place compiles in seconds, so the
+first run on a machine is the one that shows the cost.
 """
 
 from __future__ import annotations
@@ -22,13 +22,7 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
-from csm.checkpoint import load_model
-from csm.codec import MimiCodec
 from csm.engine import Engine, GenerationRequest
-from csm.scheduler import STALL_TIMEOUT_S
-from csm.text_tokenizer import TextTokenizer
 
 from .. import run as bench
 from .context import Context
@@ -36,17 +30,9 @@ from .graphs_eager import first_difference
 
 
 def build(ctx: Context, compiled: bool) -> Engine:
-    folder, device = ctx.model_dir(ctx.mode.main_shapes), ctx.device
-    model = load_model(folder, device, ctx.dtype)
-    if compiled:
-        # Compiled at the first call: the capture's warm-up step, before the graph is taken.
-        model.decode_codes = torch.compile(model.decode_codes, fullgraph=True, dynamic=False)
-    # Without graphs (the CPU mode) compiling happens in the loop's first step, for minutes:
-    # the watchdog must not take that for a hung device.
-    return Engine(model, TextTokenizer(folder / "tokenizer.json"),
-                  MimiCodec.load(folder / "mimi", device), None, max_batch=1,
-                  use_graphs=ctx.mode.graphs,
-                  stall_timeout_s=max(STALL_TIMEOUT_S, ctx.remaining_s))
+    return Engine.load(ctx.model_dir(ctx.mode.main_shapes), ctx.device, ctx.dtype, max_batch=1,
+                       use_graphs=ctx.mode.graphs,
+                       compile_backend="inductor" if compiled else None)
 
 
 def run(ctx: Context) -> None:
@@ -60,13 +46,13 @@ def run(ctx: Context) -> None:
         ctx.step(f"{label}: building the engine, then a first job")
         start = time.perf_counter()
         with build(ctx, label == "compiled") as engine:
-            # Compiling happens in the graph capture (GPU) or in this first job (CPU).
             codes[label] = engine.generate(request).codes
             bench.sync(ctx.device)
             ready_s = time.perf_counter() - start
             ctx.step(f"{label}: batch 1")
             ctx.record(**{label: dict(bench.ours(engine, mode.frames, mode.reps),
-                                      built_and_first_job_s=ready_s)})
+                                      built_and_first_job_s=ready_s,
+                                      startup_ms=engine.startup_ms)})
     measured = ctx.result["measurements"]
     plain, compiled = (measured[label]["frames_per_s"]["median"]
                        for label in ("plain", "compiled"))
