@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="our engine and worker as CSM_COMPILE=1 loads them (minutes, cold)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -233,7 +235,7 @@ def main() -> None:
     levels = [int(n) for n in args.concurrency.split(",")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report: dict = {"shapes": args.shapes, "device": str(device), "dtype": str(dtype),
-                    "frames": args.frames, "reps": args.reps,
+                    "frames": args.frames, "reps": args.reps, "compiled": args.compile,
                     "torch_threads": torch.get_num_threads(),
                     "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     if device.type == "cuda":
@@ -241,7 +243,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny(Path(tmp), cfg=cfg, full_size_codecs=args.shapes == "csm-1b")
         start = time.perf_counter()
-        with Engine.load(folder, device=device, max_batch=max(levels)) as engine:
+        with Engine.load(folder, device=device, max_batch=max(levels),
+                         compile_backend="inductor" if args.compile else None) as engine:
             sync(device)
             report["startup_ms"] = {k: round(v, 1) for k, v in engine.startup_ms.items()}
             report["startup_ms"]["total"] = round(1000 * (time.perf_counter() - start), 1)
@@ -255,7 +258,8 @@ def main() -> None:
                 report["ours"]["frames_per_s"]["median"]
                 / report["transformers"]["frames_per_s"]["median"])
         report["worker_stream"] = asyncio.run(
-            worker_stream(start_worker(folder, device, 1), args.frames, args.reps))
+            worker_stream(start_worker(folder, device, 1, CSM_COMPILE=str(int(args.compile))),
+                          args.frames, args.reps))
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

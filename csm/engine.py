@@ -171,7 +171,7 @@ class Engine:
                  watermarker: Watermarker | None, max_batch: int = 1,
                  startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None,
                  stall_timeout_s: float = STALL_TIMEOUT_S, key_block: int = KEY_BLOCK,
-                 compile_backend: str | None = None):
+                 compile_backend: str | Callable | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -213,13 +213,14 @@ class Engine:
     def load(cls, model_dir: Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, max_batch: int = 1,
              use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
-             key_block: int = KEY_BLOCK, compile_backend: str | None = None) -> "Engine":
+             key_block: int = KEY_BLOCK,
+             compile_backend: str | Callable | None = None) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
 
         `key_block`: attention reads the cache in spans of this many positions (see
         frame_step.py); the window's length gives the whole-window baseline benchmarks use.
         `compile_backend`: torch.compile's backend for the depth decoder ("inductor"), or None
-        (see FrameStepper.compile).
+        not to compile it (see FrameStepper.compile).
         """
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()

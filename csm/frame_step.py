@@ -7,8 +7,8 @@ frame: the ~2,700 kernel launches of a csm-1b frame become one. On the CPU the s
 runs eagerly.
 
 Optionally the depth decoder and sampling (`CSM.decode_codes`, ~95% of a step's operations,
-most of them small) are compiled by torch.compile first, so that a replay runs fewer, fused
-kernels. Compiling specialises them to each bucket's batch size, at start-up.
+most of them small) are compiled by torch.compile at start-up, so that a replay runs fewer,
+fused kernels.
 
 A key span is how many cache positions the backbone's attention reads: the smallest multiple
 of `key_block` that holds every live row's position, not the whole window. At csm-1b shapes
@@ -19,6 +19,7 @@ of the backbone's weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,12 +30,6 @@ from .model import CSM, SamplingState
 # A multiple of 512 keeps the CPU's attention kernel, which reads keys in blocks of 512,
 # summing in the same order whatever the span: a row draws the same codes in any batch.
 KEY_BLOCK = 512
-
-
-# A compiled step has one version per bucket (1, 2, 4, ..., 128: 8 of them), and torch.compile
-# keeps at most 8 versions of a function by default (dynamo's `recompile_limit`, counted over
-# every engine of the process); with fullgraph=True one more fails.
-MAX_COMPILED_ROWS = 128
 
 
 class GraphCaptureError(RuntimeError):
@@ -70,7 +65,7 @@ class FrameStepper:
     """
 
     def __init__(self, model: CSM, max_batch: int, use_graphs: bool | None = None,
-                 key_block: int = KEY_BLOCK, compile_backend: str | None = None):
+                 key_block: int = KEY_BLOCK, compile_backend: str | Callable | None = None):
         self.model = model
         self.window = model.cfg.backbone.max_seq_len
         self.park_position = self.window - 1
@@ -153,18 +148,21 @@ class FrameStepper:
         graph.replay()
         return self.codes[:n]
 
-    def compile(self, backend: str) -> None:
+    def compile(self, backend: str | Callable) -> None:
         """Compile the model's `decode_codes` with torch.compile's `backend` ("inductor" in
-        production), one static version per bucket, each compiled here by a first step: no
-        job waits minutes for its bucket's first step, a failure is a start-up error of its
-        own, and graphs then capture the compiled kernels."""
-        if self.buckets[-1] > MAX_COMPILED_ROWS:
-            raise ValueError(f"a compiled frame step takes up to {MAX_COMPILED_ROWS} rows, "
-                             f"not {self.buckets[-1]}")
+        production) by a first step of every bucket, here: no job waits minutes for its
+        bucket's first step, a failure is a start-up error of its own, and graphs then
+        capture the compiled kernels.
+
+        Two versions, whatever the number of buckets: batch 1 with static shapes, and, once
+        the second bucket changes the batch size, one with it symbolic that every larger bucket
+        shares. A version per bucket would multiply the minutes of a cold compile, and the
+        seconds of tracing even from inductor's cache, by up to 8 (and torch keeps at most 8).
+        """
         start = time.perf_counter()
         try:
             self.model.decode_codes = torch.compile(self.model.decode_codes, backend=backend,
-                                                    fullgraph=True, dynamic=False)
+                                                    fullgraph=True)
             with torch.inference_mode():
                 for n in self.buckets:
                     self._step(n, self.spans[0])

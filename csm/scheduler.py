@@ -147,7 +147,7 @@ class Occupant:
 class Scheduler:
     def __init__(self, model: CSM, codec: MimiCodec, max_batch: int,
                  use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
-                 key_block: int = KEY_BLOCK, compile_backend: str | None = None):
+                 key_block: int = KEY_BLOCK, compile_backend: str | Callable | None = None):
         self.model = model
         self.codec = codec
         self.max_batch = max_batch

@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from csm.frame_step import MAX_COMPILED_ROWS
 from csm.scheduler import STALL_TIMEOUT_S
 from csm.watermark import CSM_PUBLIC_KEY, parse_key
 
@@ -133,24 +132,19 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     mode = env.get("CSM_MODE", "queue").strip().lower() or "queue"
     if mode not in ("queue", "http"):
         raise SettingsError(f"CSM_MODE must be queue or http, got {mode!r}")
-    max_concurrency = int(_number(env, "CSM_MAX_CONCURRENCY", 8, int))
-    compile_ = _flag(env, "CSM_COMPILE")
-    if compile_ and max_concurrency > MAX_COMPILED_ROWS:
-        raise SettingsError(f"CSM_COMPILE=1 takes CSM_MAX_CONCURRENCY up to {MAX_COMPILED_ROWS}, "
-                            f"got {max_concurrency}")
     return Settings(
         mode=mode,
         allow_watermark_override=_flag(env, "CSM_ALLOW_WATERMARK_OVERRIDE"),
         cuda_graphs=(None if env.get("CSM_CUDA_GRAPHS", "").strip().lower() in ("", "auto")
                      else _flag(env, "CSM_CUDA_GRAPHS", "1 or 0 (true or false), or auto")),
-        compile=compile_,
+        compile=_flag(env, "CSM_COMPILE"),
         http=_http_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
         watermark_key=key,
         watermark_key_is_public=not raw_key,
         limits=limits,
         log_level=level,
-        max_concurrency=max_concurrency,
+        max_concurrency=int(_number(env, "CSM_MAX_CONCURRENCY", 8, int)),
         device=env.get("CSM_DEVICE") or None,
         stall_timeout_s=_number(env, "CSM_STALL_TIMEOUT_S", STALL_TIMEOUT_S, float),
         model_repo=repo,
