@@ -40,20 +40,30 @@ def rope_frequencies(cfg: LlamaConfig) -> Tensor:
 
 
 def rope_table(cfg: LlamaConfig) -> Tensor:
-    """[max_seq_len, head_dim/2] of cos + i sin (complex64), fp32 whatever the model dtype."""
+    """[max_seq_len, head_dim/2, 2] of (cos, sin), fp32 whatever the model dtype: a complex
+    table's layout, kept real so that compiled code can read it (see apply_rope)."""
     positions = torch.arange(cfg.max_seq_len, dtype=torch.float32, device="cpu")
     angles = torch.outer(positions, rope_frequencies(cfg))
-    return torch.complex(angles.cos(), angles.sin())
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x: [B, S, H, D], its pairs (2i, 2i+1) rotated; rope: [B, S, D/2] at each row's positions.
+    """x: [B, S, H, D], its pairs (2i, 2i+1) rotated; rope: [B, S, D/2, 2] at each row's
+    positions.
 
-    One complex product per pair is the reference's x0*cos - x1*sin, x1*cos + x0*sin, in a
-    third of the kernel launches of writing it out.
+    Eagerly, one complex product per pair is the reference's x0*cos - x1*sin, x1*cos + x0*sin
+    in a third of the kernel launches of writing it out. Inductor generates no code for
+    complex numbers (they would stay separate kernels between its fused ones), so compiled
+    code writes it out and inductor fuses it with what surrounds it.
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rope.unsqueeze(2)).flatten(3).type_as(x)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rope = rope.unsqueeze(2)
+    if torch.compiler.is_compiling():
+        (x0, x1), (cos, sin) = pairs.unbind(-1), rope.unbind(-1)
+        rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rope))
+    return rotated.flatten(3).type_as(x)
 
 
 def fold_mask(mask: Tensor, group: int) -> Tensor:

@@ -258,8 +258,8 @@ def test_bf16_loading(layouts, ref_state, layout):
         assert v.dtype == torch.bfloat16, k
         assert torch.equal(v, ref_state[k].to(torch.bfloat16)), k
     # Derived tables stay in fp32 whatever the weights' dtype (llama.rope_table).
-    assert model.backbone.rope.dtype == torch.complex64  # fp32 cos + i sin
-    assert model.decoder.rope.dtype == torch.complex64
+    assert model.backbone.rope.dtype == torch.float32  # (cos, sin) pairs
+    assert model.decoder.rope.dtype == torch.float32
 
 
 # --- the prompt -----------------------------------------------------------------------------

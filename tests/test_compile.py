@@ -14,7 +14,9 @@ import torch
 
 from csm.checkpoint import load_model
 from csm.engine import Engine, GenerationRequest
+from csm.config import TINY
 from csm.frame_step import CompileError, FrameStepper
+from csm.llama import apply_rope, rope_table
 from worker.model_source import compile_backend
 from worker.settings import SettingsError, load_settings
 
@@ -49,6 +51,20 @@ def test_a_compiled_engine_compiles_two_versions_at_start_up_and_draws_the_same_
     assert torch.equal(alone, expected[0])
     for got, want in zip(together, expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_rope_written_out_is_the_complex_product(dtype):
+    """Compiled code rotates with real arithmetic (inductor has no complex kernels)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, TINY.decoder.head_size, dtype=dtype)
+    rope = rope_table(TINY.decoder)[torch.randint(0, TINY.decoder.max_seq_len, (2, 5))]
+    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)(x, rope)
+    eager = apply_rope(x, rope)
+    assert compiled.dtype == eager.dtype == dtype
+    rtol = 1e-6 if dtype == torch.float32 else 2 ** -7  # bf16: at most a rounding apart
+    assert torch.allclose(compiled.float(), eager.float(), atol=1e-6, rtol=rtol)
+    assert not torch.allclose(eager.float(), x.float(), atol=1e-2)  # it did rotate
 
 
 def test_a_failed_compile_says_how_to_serve_without_it(tiny_model_dir):
