@@ -141,6 +141,33 @@ def test_graphs_that_cannot_be_captured_end_start_up_in_one_line_that_names_the_
     assert "could not be loaded" not in message and "fetch_weights" not in message
 
 
+def test_a_failed_compile_ends_start_up_in_one_line_that_names_the_switch(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """CSM_COMPILE=1 where torch.compile fails: the one line says how to serve without it.
+    Only the backend is swapped (for one torch does not have): inductor takes minutes here."""
+    from worker import model_source
+    from worker.startup import start_or_exit
+
+    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("CSM_DEVICE", "cpu")
+    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("CSM_COMPILE", "1")
+    chosen = []
+    monkeypatch.setattr(model_source, "compile_backend",
+                        lambda settings: chosen.append(settings.compile) or "no-such-backend")
+    with pytest.raises(SystemExit) as info:
+        start_or_exit()
+    assert info.value.code == 1 and chosen == [True]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert message.startswith("the worker cannot start: compiling the depth decoder failed (")
+    assert message.endswith("CSM_COMPILE=0 serves without it")
+    assert "could not be loaded" not in message and "fetch_weights" not in message
+
+
 def test_cuda_graphs_off_turns_off_mimis_graphs_too(tiny_model_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The escape hatch covers both graphed paths: ours (the engine is built eager) and
