@@ -149,20 +149,21 @@ class FrameStepper:
         return self.codes[:n]
 
     def compile(self, backend: str | Callable) -> None:
-        """Compile the model's `decode_codes` with torch.compile's `backend` ("inductor" in
-        production) by a first step of every bucket, here: no job waits minutes for its
-        bucket's first step, a failure is a start-up error of its own, and graphs then
+        """Compile the depth decoder (`CSM.compile_decoder`) with torch.compile's `backend`
+        ("inductor" in production), and run a first step of every bucket here: no job waits
+        minutes for a compile, a failure is a start-up error of its own, and graphs then
         capture the compiled kernels.
 
-        Two versions, whatever the number of buckets: batch 1 with static shapes, and, once
-        the second bucket changes the batch size, one with it symbolic that every larger bucket
-        shares. A version per bucket would multiply the minutes of a cold compile, and the
-        seconds of tracing even from inductor's cache, by up to 8 (and torch keeps at most 8).
+        A few small versions, whatever the number of buckets: the first two codebooks are one
+        function and codebooks 2..31 another, each compiled static for batch 1 and then, as
+        the batch size (and the codebook index) change, once with them symbolic: five at
+        most. Compiling the frame's 31 decoder passes unrolled traced the pass 31 times per
+        version: 142 s of start-up cold instead of 38 s, at batch 1 on a 2-core CPU
+        (BENCHMARKS.md).
         """
         start = time.perf_counter()
         try:
-            self.model.decode_codes = torch.compile(self.model.decode_codes, backend=backend,
-                                                    fullgraph=True)
+            self.model.compile_decoder(backend)
             with torch.inference_mode():
                 for n in self.buckets:
                     self._step(n, self.spans[0])

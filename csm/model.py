@@ -9,6 +9,7 @@ the 32 codes go back into the backbone as the next position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,23 +77,45 @@ class CSM(nn.Module):
 
     def decode_codes(self, h: Tensor, sampling: SamplingState, rows: slice) -> Tensor:
         """The 32 codes of one frame from the backbone hidden h: [B, dim] -> [B, 32]."""
+        kth = kth_index(sampling.topk, self.cfg.audio_vocab_size)
+        codes, noise = self.decode_first(h, sampling, kth, rows)
+        for i in range(2, self.cfg.num_codebooks):
+            codes.append(self.decode_next(codes[-1], i, sampling.temperature, kth, noise[:, i],
+                                          rows))
+        return torch.stack(codes, dim=1)
+
+    def decode_first(self, h: Tensor, sampling: SamplingState, kth: Tensor,
+                     rows: slice) -> tuple[list[Tensor], Tensor]:
+        """Codebooks 0 and 1, and the frame's noise for all 32 draws [B, 32, V]."""
         n = self.cfg.num_codebooks
         draws = sampling.frame_index[:, None] * n + self.codebooks  # frame * 32 + codebook
-        noise = gumbel_noise(sampling.seed, draws, self.cfg.audio_vocab_size)  # [B, 32, V]
-        kth = kth_index(sampling.topk, self.cfg.audio_vocab_size)
+        noise = gumbel_noise(sampling.seed, draws, self.cfg.audio_vocab_size)
         c0 = sample_topk(self.codebook0_head(h), sampling.temperature, kth, noise[:, 0])
-        codes = [c0]
         # Positions 0 and 1 together: the backbone state, then codebook 0's embedding.
         x = torch.stack([h, self.audio_embeddings(c0)], dim=1)
-        pos = slice(0, 2)  # every row walks the same positions of the decoder's short window
-        for i in range(1, n):
-            out = self.decoder(self.projection(x), pos, rows)[:, -1]
-            logits = torch.mm(out, self.audio_head[i - 1])
-            ci = sample_topk(logits, sampling.temperature, kth, noise[:, i])
-            codes.append(ci)
-            x = self.audio_embeddings(ci + self.codebook_offsets[i]).unsqueeze(1)
-            pos = slice(i + 1, i + 2)
-        return torch.stack(codes, dim=1)
+        return [c0, self._draw(x, 1, sampling.temperature, kth, noise[:, 1], rows)], noise
+
+    def decode_next(self, previous: Tensor, i: int, temperature: Tensor, kth: Tensor,
+                    gumbel: Tensor, rows: slice) -> Tensor:
+        """Codebook i (2..31) from codebook i-1's code [B]. One function for all 30, so that
+        compiling it traces one decoder pass, not 30 (see FrameStepper.compile)."""
+        x = self.audio_embeddings(previous + self.codebook_offsets[i - 1]).unsqueeze(1)
+        return self._draw(x, i, temperature, kth, gumbel, rows)
+
+    def _draw(self, x: Tensor, i: int, temperature: Tensor, kth: Tensor, gumbel: Tensor,
+              rows: slice) -> Tensor:
+        # Every row walks the same positions of the decoder's short window: codebook i's input
+        # is its last position, i.
+        pos = slice(i + 1 - x.shape[1], i + 1)
+        out = self.decoder(self.projection(x), pos, rows)[:, -1]
+        logits = torch.mm(out, self.audio_head[i - 1])
+        return sample_topk(logits, temperature, kth, gumbel)
+
+    def compile_decoder(self, backend: str | Callable) -> None:
+        """Compile `decode_first` and `decode_next` with torch.compile's `backend`: nearly
+        every operation of a frame step, most of them small (see FrameStepper.compile)."""
+        self.decode_first = torch.compile(self.decode_first, backend=backend, fullgraph=True)
+        self.decode_next = torch.compile(self.decode_next, backend=backend, fullgraph=True)
 
     def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState, rows: slice,
                    keys: int | None = None) -> tuple[Tensor, Tensor]:

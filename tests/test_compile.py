@@ -1,7 +1,7 @@
 """CSM_COMPILE: the depth decoder compiled by torch.compile at start-up.
 
 The engine test compiles with a backend that runs dynamo's graphs as they are (what its
-"eager" backend does) and counts them: dynamo traces the real `decode_codes` exactly as for
+"eager" backend does) and counts them: dynamo traces the real depth decoder exactly as for
 inductor (fullgraph=True fails on any graph break) and the product wiring runs unchanged,
 without the minutes inductor spends generating CPU kernels. Inductor itself runs in the GPU
 suite's `compiled` part.
@@ -26,7 +26,7 @@ def requests() -> list[GenerationRequest]:
             for s in range(3)]
 
 
-def test_a_compiled_engine_compiles_two_versions_at_start_up_and_draws_the_same_codes(
+def test_a_compiled_engine_compiles_five_small_versions_at_start_up_and_draws_the_same_codes(
         tiny_model_dir):
     with Engine.load(tiny_model_dir, device="cpu", max_batch=4) as plain:
         expected = [plain.generate(r).codes for r in requests()]
@@ -37,8 +37,9 @@ def test_a_compiled_engine_compiles_two_versions_at_start_up_and_draws_the_same_
         return graph.forward
 
     with Engine.load(tiny_model_dir, device="cpu", max_batch=4, compile_backend=backend) as engine:
-        # Buckets 1, 2 and 4: batch 1, then one version for every larger batch.
-        assert len(graphs) == 2
+        # Buckets 1, 2 and 4, codebooks 2..31: decode_first twice (batch 1, then any batch),
+        # decode_next three times (batch 1 and codebook 2, then any codebook, then any batch).
+        assert len(graphs) == 5
         assert engine.startup_ms["compile"] > 0
         # Any compile after start-up (a bucket not compiled there) now raises in the job.
         torch.compiler.set_stance("fail_on_recompile")

@@ -1,20 +1,20 @@
 """Part `compiled` (named with --parts, not in the default run): `CSM_COMPILE=1` against the
 engine as it is.
 
-The depth decoder's 31 passes per frame hold almost every operation of a frame step (1473 of
-1519 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
+The depth decoder's 31 passes per frame hold almost every operation of a frame step (1471 of
+1517 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
 launches and latencies, more than the bytes they read, may bound a frame even when replayed
 from a CUDA graph. Inductor fuses the elementwise ones into fewer kernels.
 
 Batch 1 at the main shapes in the speed dtype, graphs as deployed, two engines loaded from the
-same folder in one run: as it is, and as `CSM_COMPILE=1` loads it, with `CSM.decode_codes`
-compiled by inductor (full graph, static shapes) at start-up, before the frame step is
-captured, so that its kernels are replayed inside our graphs. Measured: frames/s and real-time
+same folder in one run: as it is, and as `CSM_COMPILE=1` loads it, with the depth decoder
+compiled by inductor (`CSM.compile_decoder`) at start-up, before the frame step is captured,
+so that its kernels are replayed inside our graphs. Measured: frames/s and real-time
 factor of each, the time compiling added to start-up and the first job (and the engine's own
 start-up breakdown), and the first frame where the compiled engine's codes leave the plain
 one's (inductor may round differently: for information). Inductor caches what it compiled on
-disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same place compiles in seconds, so the
-first run on a machine is the one that shows the cost.
+disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same place compiles faster (dynamo still
+traces), so the first run on a machine is the one that shows the cold cost.
 """
 
 from __future__ import annotations
