@@ -80,6 +80,8 @@ class CSM(nn.Module):
         kth = kth_index(sampling.topk, self.cfg.audio_vocab_size)
         codes, noise = self.decode_first(h, sampling, kth, rows)
         for i in range(2, self.cfg.num_codebooks):
+            # The draw's noise goes in as a view: indexed inside decode_next, it would make a
+            # compiled decode_next specialise on i, a version per codebook.
             codes.append(self.decode_next(codes[-1], i, sampling.temperature, kth, noise[:, i],
                                           rows))
         return torch.stack(codes, dim=1)
@@ -104,8 +106,8 @@ class CSM(nn.Module):
 
     def _draw(self, x: Tensor, i: int, temperature: Tensor, kth: Tensor, gumbel: Tensor,
               rows: slice) -> Tensor:
-        # Every row walks the same positions of the decoder's short window: codebook i's input
-        # is its last position, i.
+        # The decoder's short window holds the backbone state at position 0 and codebook j's
+        # embedding at j + 1, for every row alike; codebook i is drawn from position i.
         pos = slice(i + 1 - x.shape[1], i + 1)
         out = self.decoder(self.projection(x), pos, rows)[:, -1]
         logits = torch.mm(out, self.audio_head[i - 1])
