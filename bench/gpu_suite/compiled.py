@@ -6,14 +6,16 @@ The depth decoder's 31 passes per frame hold almost every operation of a frame s
 launches and latencies, more than the bytes they read, may bound a frame even when replayed
 from a CUDA graph. Inductor fuses the elementwise ones into fewer kernels.
 
-Batch 1 at the main shapes in the speed dtype, graphs as deployed, two engines loaded from the
-same folder in one run: as it is, and as `CSM_COMPILE=1` loads it, with the depth decoder
-compiled by inductor (`CSM.compile_decoder`) at start-up, before the frame step is captured,
-so that its kernels are replayed inside our graphs. Measured: frames/s and real-time
-factor of each, the time compiling added to start-up and the first job (and the engine's own
-start-up breakdown), and the first frame where the compiled engine's codes leave the plain
-one's (inductor may round differently: for information). Inductor caches what it compiled on
-disk (TORCHINDUCTOR_CACHE_DIR): a second run in the same place compiles faster (dynamo still
+Batch 1 and 8 jobs at once (4 in the CPU mode) at the main shapes in the speed dtype, graphs
+as deployed, two engines loaded from the same folder in one run: as it is, and as
+`CSM_COMPILE=1` loads it, with the depth decoder compiled by inductor (`CSM.compile_decoder`)
+at start-up, before the frame step is captured, so that its kernels are replayed inside our
+graphs. Measured: frames/s and real-time factor of each at batch 1, their aggregate frames/s
+with the jobs at once (where the compiled engine runs its version with a symbolic batch
+size), the time compiling added to start-up and the first job (and the engine's own start-up
+breakdown), and the first frame where the compiled engine's codes leave the plain one's
+(inductor may round differently: for information). Inductor caches what it compiled on disk
+(TORCHINDUCTOR_CACHE_DIR): a second run in the same place compiles faster (dynamo still
 traces), so the first run on a machine is the one that shows the cold cost.
 """
 
@@ -29,23 +31,24 @@ from .context import Context
 from .graphs_eager import first_difference
 
 
-def build(ctx: Context, compiled: bool) -> Engine:
-    return Engine.load(ctx.model_dir(ctx.mode.main_shapes), ctx.device, ctx.dtype, max_batch=1,
-                       use_graphs=ctx.mode.graphs,
+def build(ctx: Context, compiled: bool, max_batch: int) -> Engine:
+    return Engine.load(ctx.model_dir(ctx.mode.main_shapes), ctx.device, ctx.dtype,
+                       max_batch=max_batch, use_graphs=ctx.mode.graphs,
                        compile_backend="inductor" if compiled else None)
 
 
 def run(ctx: Context) -> None:
     mode = ctx.mode
+    jobs = mode.concurrency[1]  # 8 on a GPU, the worker's default: batch 1 static, 8 symbolic
     ctx.record(shapes=mode.main_shapes, dtype=mode.speed_dtype, frames=mode.frames,
-               reps=mode.reps, graphs=mode.graphs)
+               reps=mode.reps, graphs=mode.graphs, jobs=jobs)
     request = GenerationRequest(text=bench.TEXT, max_audio_length_ms=mode.frames * 80, seed=1,
                                 stop_at_end_frame=False)
     codes = {}
     for label in ("plain", "compiled"):
         ctx.step(f"{label}: building the engine, then a first job")
         start = time.perf_counter()
-        with build(ctx, label == "compiled") as engine:
+        with build(ctx, label == "compiled", jobs) as engine:
             codes[label] = engine.generate(request).codes
             bench.sync(ctx.device)
             ready_s = time.perf_counter() - start
@@ -53,10 +56,16 @@ def run(ctx: Context) -> None:
             ctx.record(**{label: dict(bench.ours(engine, mode.frames, mode.reps),
                                       built_and_first_job_s=ready_s,
                                       startup_ms=engine.startup_ms)})
+            ctx.step(f"{label}: {jobs} jobs at once")
+            ctx.record(**{f"{label}_{jobs}_jobs": bench.concurrency_sweep(
+                engine, mode.frames, [jobs], sequential=False)[0]})
     measured = ctx.result["measurements"]
     plain, compiled = (measured[label]["frames_per_s"]["median"]
                        for label in ("plain", "compiled"))
+    plain_jobs, compiled_jobs = (measured[f"{label}_{jobs}_jobs"]["aggregate_frames_per_s"]
+                                 for label in ("plain", "compiled"))
     ctx.record(compiled_over_plain_frames_per_s=compiled / plain,
+               compiled_over_plain_aggregate_frames_per_s=compiled_jobs / plain_jobs,
                compile_added_s=(measured["compiled"]["built_and_first_job_s"]
                                 - measured["plain"]["built_and_first_job_s"]),
                first_differing_frame=first_difference(codes["plain"], codes["compiled"]))

@@ -66,9 +66,9 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "over 512 (the first key span), the grouped-query call with a boolean mask it made "
          "before, and each with every SDPA backend forced (which kernels take them)"),
     Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 420, "cpu": 600},
-         "CSM_COMPILE=1: batch 1 with the depth decoder compiled by inductor at start-up and "
-         "replayed inside our CUDA graphs, against the engine as it is, same run (compiling "
-         "takes minutes: --parts models,compiled)", in_default_run=False),
+         "CSM_COMPILE=1: batch 1 and 8 jobs with the depth decoder compiled by inductor at "
+         "start-up and replayed inside our CUDA graphs, against the engine as it is, same run "
+         "(compiling takes minutes: --parts models,compiled)", in_default_run=False),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),
