@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from csm.checkpoint import load_model
-from csm.engine import Engine, GenerationRequest
 from csm.config import TINY
+from csm.engine import Engine, GenerationRequest
 from csm.frame_step import CompileError, FrameStepper
 from csm.llama import apply_rope, rope_table
 from worker.model_source import compile_backend
