@@ -178,43 +178,73 @@ class Watermarker:
 
 
 class WatermarkStream:
-    """Watermarking audio that arrives in pieces, so that the stream reads like one clip.
+    """Watermarking audio that arrives in pieces, so that the stream reads like one clip and
+    its first audio leaves soon after it is decoded.
 
     Marking each piece on its own fails twice over (measured on the random-weight model with
     a stand-in perfect decoder): every `encode_wav` call restarts the key's 21-symbol sequence,
-    so pieces that are not whole message periods scramble it and the key can't be read; and
-    resampling each piece separately leaves clicks at the joins. Here the audio is resampled
-    to 44.1 kHz and back by stateful resamplers (no joins), and marked in whole periods of the
-    message (21 STFT hops, 43,008 samples, ~0.975 s), so each call starts on the symbol the
-    whole clip would have there. The cost is latency: audio leaves in whole periods.
+    so pieces that do not start on a period of the message scramble it and the key can't be
+    read; and resampling each piece separately leaves clicks at the joins. Here the audio is
+    resampled to 44.1 kHz and back by stateful resamplers (no joins), and every call marks a
+    message period from its start (21 STFT hops, 43,008 samples, ~0.975 s), so its symbols
+    fall where the whole clip's would.
+
+    The first period's audio leaves before the period is complete: at the points of
+    `FIRST_PERIOD` the period so far is marked and all but its last two hops leave. Those two
+    are held back because a call marks a clip's end from a zero-padded STFT; the next, longer
+    call marks them from their real neighbours (BENCHMARKS.md, "Streaming"). Later periods leave whole: by then a player
+    has audio to play, and each period costs one call. The points are in samples of the
+    stream, not pushes, so the result does not depend on how the audio arrives.
     """
 
-    PERIOD = 21 * 2048  # samples at 44.1 kHz: one repetition of the key's symbols
+    HOP = 2048  # silentcipher's STFT hop at 44.1 kHz: one symbol of the key
+    PERIOD = 21 * HOP  # samples at 44.1 kHz: one repetition of the key's symbols
+    # (marked, leaves): the period's first `marked` samples are marked in one call and its
+    # first `leaves` then leave. A scheduler block (4 frames, 7,680 samples at 24 kHz) brings
+    # 14,112 samples at 44.1 kHz, 13,554 the first time (the resampler's delay): the first
+    # point (6 hops) fits in one block and the second (13) in two, so a stream's first audio
+    # leaves with the first block.
+    FIRST_PERIOD = ((6 * HOP, 4 * HOP), (13 * HOP, 11 * HOP), (PERIOD, PERIOD))
+    LATER_PERIODS = ((PERIOD, PERIOD),)
 
     def __init__(self, watermarker: Watermarker, sample_rate: int, message: list[int]):
         self.watermarker = watermarker
         self.message = message
         self.up = soxr.ResampleStream(sample_rate, WATERMARK_SAMPLE_RATE, 1, dtype="float32")
         self.down = soxr.ResampleStream(WATERMARK_SAMPLE_RATE, sample_rate, 1, dtype="float32")
-        self.pending = np.zeros(0, dtype=np.float32)
+        self.period = np.zeros(0, dtype=np.float32)  # the current period's samples so far
+        self.points = list(self.FIRST_PERIOD)  # the current period's points still ahead
+        self.sent = 0  # how many of the period's samples have left
 
     def push(self, audio: torch.Tensor) -> torch.Tensor:
-        """Feed audio; returns the marked audio that is ready (whole periods, maybe none)."""
-        self.pending = np.concatenate([self.pending, self.up.resample_chunk(_to_numpy(audio))])
-        ready = len(self.pending) // self.PERIOD * self.PERIOD
-        return self._emit(ready, last=False)
+        """Feed audio; returns the marked audio that is ready (maybe none)."""
+        self.period = np.concatenate([self.period, self.up.resample_chunk(_to_numpy(audio))])
+        pieces = []
+        while len(self.period) >= self.points[0][0]:
+            marked, leaves = self.points.pop(0)
+            pieces.append(self._leave(marked, leaves))
+            if leaves == self.PERIOD:
+                self.period, self.sent = self.period[self.PERIOD:], 0
+                self.points = list(self.LATER_PERIODS)
+        return self._down(pieces, last=False)
 
     def close(self) -> torch.Tensor:
         """The rest: the last partial period is marked as it is."""
-        self.pending = np.concatenate([self.pending,
-                                       self.up.resample_chunk(np.zeros(0, np.float32), last=True)])
-        return self._emit(len(self.pending), last=True)
+        self.period = np.concatenate([self.period,
+                                      self.up.resample_chunk(np.zeros(0, np.float32), last=True)])
+        return self._down([self._leave(len(self.period), len(self.period))], last=True)
 
-    def _emit(self, n: int, last: bool) -> torch.Tensor:
-        block, self.pending = self.pending[:n], self.pending[n:]
+    def _leave(self, marked: int, leaves: int) -> np.ndarray:
+        """Mark the period's first `marked` samples; the unsent ones up to `leaves` leave."""
+        block = self.period[:marked]
         if block.any():
             block = self.watermarker.encode_44k(block, self.message)
-        out = self.down.resample_chunk(block, last=last)
+        piece, self.sent = block[self.sent:leaves], leaves
+        return piece
+
+    def _down(self, pieces: list[np.ndarray], last: bool) -> torch.Tensor:
+        marked = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        out = self.down.resample_chunk(marked, last=last)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 

@@ -22,6 +22,7 @@ from csm.watermark import (
     CSM_PUBLIC_KEY,
     MODEL_FILES,
     Watermarker,
+    WatermarkStream,
     import_silentcipher,
     parse_key,
 )
@@ -236,8 +237,8 @@ def _marked_stream(watermarker: Watermarker, audio: torch.Tensor, chunk: int) ->
 
 
 def test_streamed_marking_does_not_depend_on_how_audio_arrives(watermarker: Watermarker) -> None:
-    """Marked in whole message periods on one resampling grid: the chunking is invisible,
-    which is what keeps the key's symbol sequence whole across a stream."""
+    """Marked at fixed points of each message period on one resampling grid: the chunking is
+    invisible, which is what keeps the key's symbol sequence whole across a stream."""
     audio = _speechlike(3.2, 24_000, seed=3)
     by_frames = _marked_stream(watermarker, audio, 1920 * 4)  # a scheduler block at a time
     by_odd = _marked_stream(watermarker, audio, 5003)
@@ -245,16 +246,58 @@ def test_streamed_marking_does_not_depend_on_how_audio_arrives(watermarker: Wate
     assert a.shape == b.shape == audio.shape
     assert (a - b).abs().max() < 1e-5
     assert not torch.equal(a, audio)
-    # Audio leaves in whole periods (~0.975 s) apart from the start-up delay of the resampler.
-    sizes = [len(c) for c in by_frames if len(c)]
-    assert all(22_000 < s < 24_500 for s in sizes[:-1])
 
 
-def test_streamed_marking_leaves_no_click_at_period_joins(watermarker: Watermarker) -> None:
+HOP_24K = WatermarkStream.HOP * 24_000 / 44_100
+
+
+def test_streamed_audio_leaves_with_each_block_not_each_period(watermarker: Watermarker) -> None:
+    """The first scheduler block (4 frames) already brings marked audio, and until the first
+    period is complete no more than ~10 hops (~0.46 s) plus a block is held back; marking
+    whole periods held back up to ~1.3 s there. Later periods leave whole."""
+    audio = _speechlike(4.0, 24_000, seed=5)
+    block = 1920 * 4
+    stream = watermarker.stream(24_000, (9, 8, 7, 6, 5))
+    first = stream.push(audio[:block])
+    assert 3.5 * HOP_24K < len(first) <= 4 * HOP_24K  # 4 hops, less the resamplers' delay
+    pushed, left, sizes = block, len(first), []
+    while pushed < len(audio):
+        sizes.append(len(stream.push(audio[pushed:pushed + block])))
+        left += sizes[-1]
+        pushed += block
+        if pushed < 21 * HOP_24K:
+            assert pushed - left <= block + 10 * HOP_24K + 1000, (pushed, left)
+    assert left + len(stream.close()) == len(audio)
+    later = [size for size in sizes if size][2:]  # after the first period's last points
+    assert later and all(abs(size - 21 * HOP_24K) < 1000 for size in later), sizes
+
+
+def test_each_marking_call_starts_a_message_period(watermarker: Watermarker,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call restarts the key's symbols, so every call marks a period from its start: the
+    first period at 6 and 13 hops and whole, the later ones whole, then the partial last one."""
+    calls: list[np.ndarray] = []
+    encode = watermarker.encode_44k
+    monkeypatch.setattr(watermarker, "encode_44k",
+                        lambda samples, message: calls.append(samples.copy()) or
+                        encode(samples, message))
+    _marked_stream(watermarker, _speechlike(2.7, 24_000, seed=6), 1920 * 4)
+    hop, period = WatermarkStream.HOP, WatermarkStream.PERIOD
+    assert [len(c) for c in calls[:-1]] == [6 * hop, 13 * hop, period, period]
+    assert 0 < len(calls[-1]) < period  # 2.7 s is 2.77 periods
+    starts = [0, 0, 0, period, 2 * period]
+    upsampled = np.concatenate(calls[2:])
+    for call, start in zip(calls, starts):
+        assert np.array_equal(call, upsampled[start:start + len(call)])
+
+
+def test_streamed_marking_leaves_no_click_where_calls_join(watermarker: Watermarker) -> None:
     audio = _speechlike(4.0, 24_000, seed=4)
     marked = torch.cat(_marked_stream(watermarker, audio, 7680))
     residual = marked - audio
     step = (residual[1:] - residual[:-1]).abs()
-    joins = (torch.arange(1, 4) * 43_008 * 24_000 / 44_100).long()
+    first = [leaves for _, leaves in WatermarkStream.FIRST_PERIOD]
+    at_44k = torch.tensor(first + [p * WatermarkStream.PERIOD for p in range(2, 5)])
+    joins = (at_44k[at_44k < 4 * 44_100] * 24_000 / 44_100).long()
     near = torch.cat([step[j - 48:j + 48] for j in joins])
     assert near.max() <= 4 * step.quantile(0.99)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from csm.text_split import split_text
+from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream
 from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
 from worker.settings import load_settings
@@ -23,7 +24,7 @@ from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, aud
                             audio_file, b64, collect, complete, decode_audio, decode_bytes,
                             decode_with_ffmpeg, run, stream_wav_frames)
 
-CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, enough for three streamed chunks
+CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, over two periods of the watermark
 CONTEXT_SECONDS = 30
 REFERENCE_BYTES = 1_500_000
 SUMMARY = {"sample_rate", "duration_ms", "frames", "utterances", "seed", "stop_reason",
@@ -364,10 +365,17 @@ def test_verify_watermark(worker, loop):
 
 
 # ---- streaming -----------------------------------------------------------------------------
-# Streamed audio is watermarked in whole periods of the key (21 hops at 44.1 kHz, ~0.975 s):
-# chunks of about 0.96 s each, the first once about a second of audio exists, the last with
-# the rest (README, "Chunk sizes and the watermark").
-PERIOD_SAMPLES = 21 * 2048 * SAMPLE_RATE / 44_100
+# Streamed audio is watermarked in periods of the key (21 hops at 44.1 kHz, ~0.975 s), the
+# first one also at fixed points before its end (csm.watermark.WatermarkStream.FIRST_PERIOD:
+# 4 and 11 hops), so chunks end there, less what the resamplers hold: the first with the first
+# block, the last with the rest (README, "Chunk sizes and the watermark").
+def mark_points(samples: int) -> np.ndarray:
+    """Where the stream's chunks may end, in samples at 24 kHz, up to `samples`."""
+    period = WatermarkStream.PERIOD
+    at_44k = ([leaves for _, leaves in WatermarkStream.FIRST_PERIOD]
+              + [p * period for p in range(2, samples // 20_000 + 2)])
+    points = np.array(at_44k) * SAMPLE_RATE / WATERMARK_SAMPLE_RATE
+    return points[points <= samples]
 
 
 def stream(worker, loop, payload) -> list[dict]:
@@ -391,14 +399,18 @@ def stream_bytes(items) -> bytes:
     return b"".join(base64.b64decode(i["audio_base64"], validate=True) for i in items)
 
 
-def test_stream_chunks_are_whole_watermark_periods(worker, loop):
+def test_stream_chunks_end_at_the_watermarks_marking_points(worker, loop):
     payload = {"text": "Streaming.", "max_audio_length_ms": CAP_MS, "seed": 8,
                "response_format": "pcm"}
     items = stream(worker, loop, payload)
     sizes = [i["samples"] for i in items]
-    assert len(items) == 3 and sum(sizes) == CAP_MS * 24
-    for size in sizes[:-1]:  # about one period each (the resamplers hold a little back)
-        assert 0.95 * PERIOD_SAMPLES <= size <= PERIOD_SAMPLES + 1, sizes
+    assert sum(sizes) == CAP_MS * 24
+    ends = np.cumsum(sizes[:-1])
+    points = mark_points(CAP_MS * 24)
+    # every chunk ends at a point, less what the resamplers still hold (under 1,000 samples)
+    held = points[:len(ends)] - ends  # chunk i ends at point i
+    assert len(ends) == len(points) == 4 and ((held > 0) & (held < 1000)).all(), (ends, points)
+    assert sizes[0] < 0.2 * SAMPLE_RATE  # the first block's 4 hops, not a period
     last = items[-1]
     assert last["duration_ms"] == CAP_MS and last["seed"] == 8 and last["utterances"] == 1
     assert last["watermarked"] is True and last["stop_reason"] == "max_length"
@@ -411,10 +423,11 @@ def test_stream_chunks_are_whole_watermark_periods(worker, loop):
 
 
 def test_short_stream_is_one_final_chunk(worker, loop):
-    items = stream(worker, loop, {"text": "Short.", "max_audio_length_ms": 480, "seed": 8})
-    assert len(items) == 1 and items[0]["samples"] == 480 * 24
+    # 3 frames: short of the watermark's first marking point (6 hops at 44.1 kHz, ~3.6 frames)
+    items = stream(worker, loop, {"text": "Short.", "max_audio_length_ms": 240, "seed": 8})
+    assert len(items) == 1 and items[0]["samples"] == 240 * 24
     raw = stream_bytes(items)
-    assert len(stream_wav_frames(raw)) == 480 * 24
+    assert len(stream_wav_frames(raw)) == 240 * 24
 
 
 @pytest.mark.parametrize("fmt", ["wav", "pcm", "ogg", "opus", "flac", "mp3", "aac"])
@@ -422,7 +435,7 @@ def test_streamed_bytes_make_one_file_of_the_announced_length(worker, loop, fmt)
     payload = {"text": "Whole file.", "max_audio_length_ms": 1120, "seed": 4,
                "response_format": fmt}
     items = stream(worker, loop, payload)
-    assert len(items) == 2
+    assert len(items) == 4  # to the first period's points at 4, 11 and 21 hops, the rest
     raw = stream_bytes(items)
     total = items[-1]["sample_offset"] + items[-1]["samples"]
     assert total == 1120 * 24

@@ -286,8 +286,9 @@ class Worker:
     async def _stream(self, request: SpeechRequest, generation: Generation,
                       events: asyncio.Queue, timer: Timer, marking: Marking,
                       encoder: StreamEncoder | None) -> AsyncIterator[Chunk]:
-        """Watermarked chunks as the scheduler decodes them (whole periods of the key's
-        message, ~0.96 s each: see csm.watermark.WatermarkStream), then the rest."""
+        """Watermarked chunks as the scheduler decodes them (the first with the first block,
+        then as each period of the key's message is marked: see csm.watermark.
+        WatermarkStream), then the rest."""
         marker = self.watermarking.stream(marking)
         owned = encoder is None
         encoder = encoder or StreamEncoder(request.response_format, SAMPLE_RATE)

@@ -7,8 +7,9 @@ allows it (CSM_ALLOW_WATERMARK_OVERRIDE=1); elsewhere either field is refused, n
 The response says whether the audio was marked and with whose key; the key itself is never
 logged or echoed.
 
-Whole clips are marked in one call; streams in whole periods of the key's message (see
-csm.watermark.WatermarkStream), so that the stream reads like one clip.
+Whole clips are marked in one call; streams in periods of the key's message, the first also
+in parts so that audio leaves early (see csm.watermark.WatermarkStream), and the stream reads
+like one clip.
 """
 
 from __future__ import annotations

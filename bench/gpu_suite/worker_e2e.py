@@ -95,17 +95,24 @@ async def abandoned(ctx: Context, worker: Worker) -> None:
 
 
 def watermark_period(worker: Worker, reps: int) -> dict[str, float]:
-    """A stream is marked one period of the key at a time (~0.975 s of audio, see
-    csm.watermark.WatermarkStream), and marking calls take turns process-wide (silentcipher's
-    shared STFT): the period's length over one call's time is how many streams one worker
-    can keep marked in real time, whatever the engine could generate."""
+    """A stream is marked one period of the key at a time (~0.975 s of audio), its first
+    period in three calls so that its first audio leaves early (csm.watermark.
+    WatermarkStream.FIRST_PERIOD). Marking calls take turns process-wide (silentcipher's shared
+    STFT): the period's length over one call's time is how many streams one worker can keep
+    marked in real time, whatever the engine could generate."""
     samples = np.random.default_rng(0).standard_normal(WatermarkStream.PERIOD) * 0.1
     samples = samples.astype(np.float32)
     message = list(parse_key(KEY))
-    ms = time_ms(lambda: worker.engine.watermarker.encode_44k(samples, message),
-                 worker.engine.device, reps)
+    marker, device = worker.engine.watermarker, worker.engine.device
+
+    def first_period() -> None:
+        for marked, _ in WatermarkStream.FIRST_PERIOD:
+            marker.encode_44k(samples[:marked], message)
+
+    ms = time_ms(lambda: marker.encode_44k(samples, message), device, reps)
     audio_ms = 1000 * WatermarkStream.PERIOD / WATERMARK_SAMPLE_RATE
-    return {"ms": ms, "audio_ms": audio_ms, "real_time_streams": audio_ms / ms}
+    return {"ms": ms, "first_period_ms": time_ms(first_period, device, reps),
+            "audio_ms": audio_ms, "real_time_streams": audio_ms / ms}
 
 
 def reference_audio(seconds: float) -> str:
@@ -173,7 +180,7 @@ async def scenario(ctx: Context, worker: Worker) -> None:
                                  "watermarked": verdict.get("watermarked")})
     ctx.check("verify_watermark answers true or false",
               isinstance(verdict.get("watermarked"), bool), verdict)
-    ctx.step("watermarking one stream's period")
+    ctx.step("watermarking one period of a stream")
     ctx.record(watermark_period=watermark_period(worker, 5 if ctx.device.type == "cuda" else 2))
     ctx.step("8 jobs at once")
     before_s, done = await eight_at_once(ctx, worker, 100)
