@@ -3,8 +3,9 @@
 Everything one frame needs lives in preallocated per-row buffers (backbone hidden, position,
 sampling settings, frame counter), so a step has fixed shapes and no host synchronisation.
 On CUDA each batch-size bucket is captured once per key span as a graph and replayed per
-frame: the ~2,700 kernel launches of a csm-1b frame become one. On the CPU the same function
-runs eagerly.
+frame: the ~2,700 kernel launches of a csm-1b frame become one. Before the first job, a replay
+of each bucket is checked against the same steps run eagerly (`check_replay`). On the CPU the
+same function runs eagerly.
 
 Optionally the depth decoder and sampling (`CSM.decode_codes`, ~95% of a step's operations,
 most of them small) are compiled by torch.compile at start-up, so that a replay runs fewer,
@@ -98,6 +99,7 @@ class FrameStepper:
                 raise GraphCaptureError(
                     f"capturing the frame step as CUDA graphs failed ({type(e).__name__}: {e}); "
                     "CSM_CUDA_GRAPHS=0 serves without them, slower") from e
+            self.check_replay()
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
@@ -172,6 +174,72 @@ class FrameStepper:
                                "CSM_COMPILE=0 serves without it") from e
         self.h.zero_()
         self.compile_ms = 1000 * (time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def check_replay(self) -> None:
+        """Replay one graph of every bucket (the spans taken in turn) from live rows in a
+        random state, unlike the parked rows they were captured with, and compare with the
+        same two steps run eagerly. A graph that kept a value from capture time, or read
+        memory that another graph reused, disagrees: start-up fails rather than serve noise.
+        This runs on the deployment's own GPU, driver and torch before the first job.
+
+        A row agrees when its codes are equal and its hidden state ends within 5% (rounding
+        drift, were cuBLAS to pick other kernels while capturing; a broken graph is off by
+        ~100%). A replay runs the eager step's kernels, so every row should agree; a row that
+        turned a near-tie draw is forgiven: a second random state is tried when fewer than
+        half the rows agree in the first.
+        """
+        for i, n in enumerate(self.buckets):
+            keys = self.spans[i % len(self.spans)]
+            agreeing = []
+            for seed in (i, i + len(self.buckets)):
+                agreeing.append(self._replay_agreement(n, keys, seed))
+                if agreeing[-1] >= (n + 1) // 2:
+                    break
+            else:
+                self._reset_rows()
+                raise GraphCaptureError(
+                    f"the CUDA graph of {n} rows over {keys} positions disagrees with the "
+                    f"same steps run eagerly (rows agreeing: {agreeing[0]} and {agreeing[1]} "
+                    f"of {n}); CSM_CUDA_GRAPHS=0 serves without graphs, slower")
+        self._reset_rows()
+
+    def _replay_agreement(self, n: int, keys: int, seed: int) -> int:
+        """How many of rows [0, n) draw the same two frames replayed as eagerly."""
+        self._random_rows(n, keys, seed)
+        start = [t.clone() for t in self._row_state()]
+        eager = torch.stack([self._step(n, keys).clone() for _ in range(2)], dim=1)
+        eager_h = self.h[:n].float().clone()
+        for t, saved in zip(self._row_state(), start):
+            t.copy_(saved)
+        graph = self.graphs[n, keys]
+        replayed = []
+        for _ in range(2):
+            graph.replay()
+            replayed.append(self.codes[:n].clone())
+        codes_equal = (torch.stack(replayed, dim=1) == eager).flatten(1).all(dim=1)
+        error = (self.h[:n].float() - eager_h).norm(dim=1)
+        return int((codes_equal & (error <= 0.05 * eager_h.norm(dim=1))).sum())
+
+    def _row_state(self) -> list[Tensor]:
+        """Every per-row buffer a step reads or advances."""
+        s = self.sampling
+        return [self.h, self.codes, self.position, self.remaining, s.temperature, s.topk,
+                s.seed, s.frame_index]
+
+    def _random_rows(self, n: int, keys: int, seed: int) -> None:
+        """Rows [0, n) live for two frames just below `keys`, with random hidden states."""
+        generator = torch.Generator().manual_seed(seed)
+        h = torch.randn(n, self.h.shape[1], generator=generator)
+        for row in range(n):
+            self.start(row, h[row], keys - 3, 2, temperature=0.9,
+                       topk=min(50, self.model.cfg.audio_vocab_size),
+                       noise_key=int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+    def _reset_rows(self) -> None:
+        for row in range(self.h.shape[0]):
+            self.park(row)
+        self.h.zero_()
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -1,0 +1,108 @@
+"""The start-up check that CUDA graph replays draw what the same steps draw eagerly.
+
+No CUDA graph can be captured on this CPU, so the graphs here are stand-ins with a graph's one
+method, `replay()`, that run the real frame step as a correct graph would, or as the broken
+graphs the check exists for would: one that kept capture time's inputs, one that does nothing.
+The check itself, the frame step and the model are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from csm.checkpoint import load_model
+from csm.frame_step import FrameStepper, GraphCaptureError
+
+
+class Replay:
+    """A graph of `n` rows over `keys` positions: replays the real step (see `kind`)."""
+
+    def __init__(self, stepper: FrameStepper, n: int, keys: int, kind: str):
+        self.stepper, self.n, self.keys, self.kind = stepper, n, keys, kind
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        stepper, n = self.stepper, self.n
+        if self.kind == "nothing":
+            return
+        if self.kind == "capture_time_inputs":  # as captured: parked rows, zero hidden states
+            stepper.h[:n].zero_()
+        before = stepper.h[:n].clone()
+        stepper._step(n, self.keys)
+        if self.kind == "last_hidden_unwritten" and self.replays % 2 == 0:
+            stepper.h[:n].copy_(before)  # the codes are right, the state left behind is not
+        if self.kind == "one_flip" and self.replays == 1:  # one draw turned, first trial only
+            stepper.codes[0, 5] += 1
+
+
+def stepper_with(model, kind: str, max_batch: int = 4) -> FrameStepper:
+    stepper = FrameStepper(model, max_batch, use_graphs=False)
+    stepper.graphs = {(n, keys): Replay(stepper, n, keys, kind)
+                      for n in stepper.buckets for keys in stepper.spans}
+    return stepper
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    model.setup_caches(4)
+    return model
+
+
+def test_graphs_that_replay_the_step_pass_and_leave_every_row_parked(model):
+    stepper = stepper_with(model, "correct")
+    stepper.check_replay()
+    checked = {shape: g.replays for shape, g in stepper.graphs.items() if g.replays}
+    # every bucket, the spans taken in turn, one trial of two steps each
+    assert checked == {(1, 512): 2, (2, 1024): 2, (4, 1536): 2}
+    assert (stepper.remaining == 0).all() and (stepper.position == stepper.park_position).all()
+    assert not stepper.h.any()
+
+
+@pytest.mark.parametrize("kind", ["capture_time_inputs", "nothing", "last_hidden_unwritten"])
+def test_a_graph_that_does_not_draw_what_eager_steps_draw_stops_start_up(model, kind):
+    stepper = stepper_with(model, kind)
+    with pytest.raises(GraphCaptureError) as info:
+        stepper.check_replay()
+    assert str(info.value).startswith(
+        "the CUDA graph of 1 rows over 512 positions disagrees with the same steps run "
+        "eagerly (rows agreeing: 0 and 0 of 1); CSM_CUDA_GRAPHS=0 serves without graphs")
+    assert (stepper.remaining == 0).all() and not stepper.h.any()
+
+
+def test_a_draw_turned_by_rounding_in_one_trial_is_forgiven(model):
+    stepper = stepper_with(model, "one_flip")
+    stepper.check_replay()
+    assert stepper.graphs[1, 512].replays == 4  # the one row disagreed: a second trial
+
+
+def test_a_disagreeing_graph_ends_start_up_in_one_line_that_names_the_switch(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's start-up with graphs on: capture (a stand-in here) installs graphs that
+    replay nothing, and the check turns that into the one line of a failed capture."""
+    from worker.startup import start_or_exit
+
+    def capture(self: FrameStepper) -> None:
+        self.graphs = {(n, keys): Replay(self, n, keys, "nothing")
+                       for n in self.buckets for keys in self.spans}
+
+    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("CSM_DEVICE", "cpu")
+    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("CSM_CUDA_GRAPHS", "1")
+    monkeypatch.setattr(FrameStepper, "capture", capture)
+    with pytest.raises(SystemExit) as info:
+        start_or_exit()
+    assert info.value.code == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert message.startswith("the worker cannot start: the CUDA graph of 1 rows over 512 "
+                              "positions disagrees with the same steps run eagerly")
+    assert message.endswith("CSM_CUDA_GRAPHS=0 serves without graphs, slower")
