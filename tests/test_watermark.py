@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from csm.codec import SAMPLES_PER_FRAME
+from csm.scheduler import CHECK_EVERY
 from csm.testing.silentcipher_weights import write_random_silentcipher
 from csm.watermark import (
     CSM_PUBLIC_KEY,
@@ -256,7 +258,7 @@ def test_streamed_audio_leaves_with_each_block_not_each_period(watermarker: Wate
     period is complete no more than ~10 hops (~0.46 s) plus a block is held back; marking
     whole periods held back up to ~1.3 s there. Later periods leave whole."""
     audio = _speechlike(4.0, 24_000, seed=5)
-    block = 1920 * 4
+    block = CHECK_EVERY * SAMPLES_PER_FRAME  # what the scheduler hands out at a time
     stream = watermarker.stream(24_000, (9, 8, 7, 6, 5))
     first = stream.push(audio[:block])
     assert 3.5 * HOP_24K < len(first) <= 4 * HOP_24K  # 4 hops, less the resamplers' delay
