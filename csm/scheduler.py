@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .codec import MimiCodec
-from .frame_step import KEY_BLOCK, FrameStepper
+from .frame_step import KEY_BLOCK, FrameStepper, GraphCaptureError
 from .model import CSM
 from .sampling import noise_key
 
@@ -167,6 +167,20 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.watchdog: threading.Thread | None = None
         self.codec.streamer.streaming_forever(max_batch)
+        if self.stepper.use_graphs:
+            self._check_mimi_graphs()
+
+    def _check_mimi_graphs(self) -> None:
+        """Like the frame step's graphs (FrameStepper.check_replay), Mimi's are checked on
+        the deployment's own GPU before the first job, and captured here rather than in a job:
+        within 1% of the peak of the same decode without graphs (cuDNN's TF32 convolutions
+        differ by ~0.1%; a replay that ignores exec_mask or state by the signal itself)."""
+        error = self.codec.stream_graph_error(self.max_batch)
+        if not error <= 0.01:  # NaN fails too
+            raise GraphCaptureError(
+                f"Mimi's streaming decode under CUDA graphs differs from the same decode "
+                f"without them by {error:.1%} of its peak (at most 1%); CSM_CUDA_GRAPHS=0 "
+                "serves without graphs, slower")
 
     # ---- thread-safe API -------------------------------------------------------------
     def submit(self, job: Job) -> None:

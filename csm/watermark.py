@@ -192,9 +192,10 @@ class WatermarkStream:
     The first period's audio leaves before the period is complete: at the points of
     `FIRST_PERIOD` the period so far is marked and all but its last two hops leave. Those two
     are held back because a call marks a clip's end from a zero-padded STFT; the next, longer
-    call marks them from their real neighbours (BENCHMARKS.md, "Streaming"). Later periods leave whole: by then a player
-    has audio to play, and each period costs one call. The points are in samples of the
-    stream, not pushes, so the result does not depend on how the audio arrives.
+    call marks them from their real neighbours (BENCHMARKS.md, "Streaming"). Later periods
+    leave whole: by then a player has audio to play, and each period costs one call. The
+    points are in samples of the stream, not pushes, so the result does not depend on how the
+    audio arrives.
     """
 
     HOP = 2048  # silentcipher's STFT hop at 44.1 kHz: one symbol of the key

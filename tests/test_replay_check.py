@@ -1,19 +1,26 @@
-"""The start-up check that CUDA graph replays draw what the same steps draw eagerly.
+"""The start-up checks that CUDA graph replays compute what the same steps compute eagerly:
+the frame step's graphs (they must draw the same codes) and Mimi's (the same audio).
 
-No CUDA graph can be captured on this CPU, so the graphs here are stand-ins with a graph's one
-method, `replay()`, that run the real frame step as a correct graph would, or as the broken
-graphs the check exists for would: one that kept capture time's inputs, one that does nothing.
-The check itself, the frame step and the model are the real ones.
+No CUDA graph can be captured on this CPU, so the frame step's graphs here are stand-ins with a
+graph's one method, `replay()`, that run the real frame step as a correct graph would, or as
+the broken graphs the check exists for would: one that kept capture time's inputs, one that
+does nothing. For Mimi, whose graphs moshi makes, a stand-in for moshi's switch tells a broken
+"graphed" decode (one that ignores `exec_mask`) from the eager one. The checks themselves, the
+frame step, the model and Mimi are the real ones.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
+import csm.codec
 from csm.checkpoint import load_model
+from csm.codec import NUM_CODEBOOKS, MimiCodec
 from csm.frame_step import FrameStepper, GraphCaptureError
 
 
@@ -80,15 +87,58 @@ def test_a_draw_turned_by_rounding_in_one_trial_is_forgiven(model):
     assert stepper.graphs[1, 512].replays == 4  # the one row disagreed: a second trial
 
 
-def test_a_disagreeing_graph_ends_start_up_in_one_line_that_names_the_switch(
-        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """The worker's start-up with graphs on: capture (a stand-in here) installs graphs that
-    replay nothing, and the check turns that into the one line of a failed capture."""
+@pytest.fixture
+def codec(tiny_model_dir) -> MimiCodec:
+    codec = MimiCodec.load(tiny_model_dir / "mimi")
+    codec.streamer.streaming_forever(4)
+    return codec
+
+
+def mimi_graphs_ignoring_exec_mask(codec: MimiCodec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside moshi's `no_cuda_graph()` (a stand-in for it here), Mimi's decode advances
+    every row's state, paused or not, as a graph replay that ignored exec_mask would."""
+    graphed = [True]
+
+    @contextmanager
+    def no_cuda_graph():
+        graphed[0] = False
+        try:
+            yield
+        finally:
+            graphed[0] = True
+
+    set_exec_mask = codec.streamer.set_exec_mask
+    monkeypatch.setattr(csm.codec, "no_cuda_graph", no_cuda_graph)
+    monkeypatch.setattr(codec.streamer, "set_exec_mask",
+                        lambda mask: set_exec_mask(mask | graphed[0]))
+
+
+def first_frames(codec: MimiCodec) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 2048, (2, 4, NUM_CODEBOOKS, 1), generator=generator)
+    return torch.stack([codec.streamer.decode(codes[s]) for s in range(2)])
+
+
+def test_the_mimi_check_is_exact_without_cuda_and_leaves_every_row_reset(codec, tiny_model_dir):
+    assert codec.stream_graph_error(4) == 0.0
+    fresh = MimiCodec.load(tiny_model_dir / "mimi")
+    fresh.streamer.streaming_forever(4)
+    assert torch.equal(first_frames(codec), first_frames(fresh))
+
+
+def test_a_mimi_decode_that_ignores_exec_mask_is_caught(codec, monkeypatch):
+    mimi_graphs_ignoring_exec_mask(codec, monkeypatch)
+    assert codec.stream_graph_error(4) > 0.1
+
+
+def start_up_fails(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                   caplog: pytest.LogCaptureFixture, frame_graphs: str) -> str:
+    """The worker's start-up with graphs on, capture (a stand-in here) installing
+    `frame_graphs` graphs: the one line it exits with."""
     from worker.startup import start_or_exit
 
     def capture(self: FrameStepper) -> None:
-        self.graphs = {(n, keys): Replay(self, n, keys, "nothing")
+        self.graphs = {(n, keys): Replay(self, n, keys, frame_graphs)
                        for n in self.buckets for keys in self.spans}
 
     for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
@@ -103,6 +153,29 @@ def test_a_disagreeing_graph_ends_start_up_in_one_line_that_names_the_switch(
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info is None
     message = errors[0].getMessage()
+    assert message.endswith("CSM_CUDA_GRAPHS=0 serves without graphs, slower")
+    return message
+
+
+def test_a_disagreeing_frame_graph_ends_start_up_in_one_line_that_names_the_switch(
+        tiny_model_dir, monkeypatch, caplog) -> None:
+    message = start_up_fails(tiny_model_dir, monkeypatch, caplog, "nothing")
     assert message.startswith("the worker cannot start: the CUDA graph of 1 rows over 512 "
                               "positions disagrees with the same steps run eagerly")
-    assert message.endswith("CSM_CUDA_GRAPHS=0 serves without graphs, slower")
+
+
+def test_a_disagreeing_mimi_graph_ends_start_up_in_one_line_that_names_the_switch(
+        tiny_model_dir, monkeypatch, caplog) -> None:
+    """Frame graphs that replay the step (they pass), then Mimi's check on the worker's own
+    streamer, whose "graphed" decode ignores exec_mask."""
+    load = MimiCodec.load
+
+    def load_broken(folder: Path, device: str = "cpu") -> MimiCodec:
+        codec = load(folder, device)
+        mimi_graphs_ignoring_exec_mask(codec, monkeypatch)
+        return codec
+
+    monkeypatch.setattr(MimiCodec, "load", staticmethod(load_broken))
+    message = start_up_fails(tiny_model_dir, monkeypatch, caplog, "correct")
+    assert message.startswith("the worker cannot start: Mimi's streaming decode under CUDA "
+                              "graphs differs from the same decode without them by ")
