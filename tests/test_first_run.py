@@ -20,7 +20,7 @@ import pytest
 
 from builder import fetch_weights as fw
 from hub_standin import StandinHub, hub_tree
-from worker_helpers import REPO, handler_cmd
+from worker_helpers import REPO, handler_cmd, start_up_error
 
 VENV = Path(sys.executable).parent.parent
 JOB = {"input": {"text": "Hello from a fresh machine.", "max_audio_length_ms": 160, "seed": 1}}
@@ -92,24 +92,13 @@ def test_handler_without_any_model_lists_where_it_looked(fresh_machine) -> None:
 def test_start_or_exit_ends_in_one_line_and_status_1(case: str, tiny_model_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """What the entry points call (handler.py imports it), in this process."""
-    from worker.startup import start_or_exit
-
+    """What the entry points call (handler.py imports it), in this process: one line, no
+    traceback."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("model.safetensors"))
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("CSM_DEVICE", "cpu")
-    monkeypatch.setenv("CSM_MODEL_DIR", str(broken))
-    if case == "malformed setting":
-        monkeypatch.setenv("CSM_MODEL_REPO", "not a repo")
-    with pytest.raises(SystemExit) as info:
-        start_or_exit()
-    assert info.value.code == 1
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].exc_info is None  # one line, no traceback
-    message = errors[0].getMessage()
+    env = {"CSM_MODEL_REPO": "not a repo"} if case == "malformed setting" else {}
+    message = start_up_error(broken, monkeypatch, caplog, **env)
     if case == "malformed setting":
         assert "CSM_MODEL_REPO must be a hub repo id" in message
     else:
@@ -122,19 +111,7 @@ def test_graphs_that_cannot_be_captured_end_start_up_in_one_line_that_names_the_
         caplog: pytest.LogCaptureFixture) -> None:
     """CSM_CUDA_GRAPHS=1 where no CUDA graph can be captured (this CPU): the real capture runs
     and fails, and the one line says how to serve without graphs, not that the folder is bad."""
-    from worker.startup import start_or_exit
-
-    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("CSM_DEVICE", "cpu")
-    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("CSM_CUDA_GRAPHS", "1")
-    with pytest.raises(SystemExit) as info:
-        start_or_exit()
-    assert info.value.code == 1
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].exc_info is None
-    message = errors[0].getMessage()
+    message = start_up_error(tiny_model_dir, monkeypatch, caplog, CSM_CUDA_GRAPHS="1")
     assert message.startswith("the worker cannot start: capturing the frame step as CUDA "
                               "graphs failed (")
     assert message.endswith("CSM_CUDA_GRAPHS=0 serves without them, slower")
@@ -147,22 +124,12 @@ def test_a_failed_compile_ends_start_up_in_one_line_that_names_the_switch(
     """CSM_COMPILE=1 where torch.compile fails: the one line says how to serve without it.
     Only the backend is swapped (for one torch does not have): inductor takes minutes here."""
     from worker import model_source
-    from worker.startup import start_or_exit
 
-    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("CSM_DEVICE", "cpu")
-    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("CSM_COMPILE", "1")
     chosen = []
     monkeypatch.setattr(model_source, "compile_backend",
                         lambda settings: chosen.append(settings.compile) or "no-such-backend")
-    with pytest.raises(SystemExit) as info:
-        start_or_exit()
-    assert info.value.code == 1 and chosen == [True]
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].exc_info is None
-    message = errors[0].getMessage()
+    message = start_up_error(tiny_model_dir, monkeypatch, caplog, CSM_COMPILE="1")
+    assert chosen == [True]
     assert message.startswith("the worker cannot start: compiling the depth decoder failed (")
     assert message.endswith("CSM_COMPILE=0 serves without it")
     assert "could not be loaded" not in message and "fetch_weights" not in message

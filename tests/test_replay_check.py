@@ -11,7 +11,6 @@ frame step, the model and Mimi are the real ones.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import csm.codec
 from csm.checkpoint import load_model
 from csm.codec import NUM_CODEBOOKS, MimiCodec
 from csm.frame_step import FrameStepper, GraphCaptureError
+from worker_helpers import start_up_error
 
 
 class Replay:
@@ -135,24 +135,12 @@ def start_up_fails(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                    caplog: pytest.LogCaptureFixture, frame_graphs: str) -> str:
     """The worker's start-up with graphs on, capture (a stand-in here) installing
     `frame_graphs` graphs: the one line it exits with."""
-    from worker.startup import start_or_exit
-
     def capture(self: FrameStepper) -> None:
         self.graphs = {(n, keys): Replay(self, n, keys, frame_graphs)
                        for n in self.buckets for keys in self.spans}
 
-    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("CSM_DEVICE", "cpu")
-    monkeypatch.setenv("CSM_MODEL_DIR", str(tiny_model_dir))
-    monkeypatch.setenv("CSM_CUDA_GRAPHS", "1")
     monkeypatch.setattr(FrameStepper, "capture", capture)
-    with pytest.raises(SystemExit) as info:
-        start_or_exit()
-    assert info.value.code == 1
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].exc_info is None
-    message = errors[0].getMessage()
+    message = start_up_error(tiny_model_dir, monkeypatch, caplog, CSM_CUDA_GRAPHS="1")
     assert message.endswith("CSM_CUDA_GRAPHS=0 serves without graphs, slower")
     return message
 

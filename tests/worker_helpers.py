@@ -166,3 +166,23 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
+
+
+def start_up_error(model_dir: Path, monkeypatch: Any, caplog: Any, **env: str) -> str:
+    """Start the worker in-process on `model_dir` on the CPU with only `env` among the CSM_
+    and HF_ variables; it must exit with status 1 after one error line, returned."""
+    from worker.startup import start_or_exit
+
+    for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
+        monkeypatch.delenv(key)
+    for key, value in dict(CSM_DEVICE="cpu", CSM_MODEL_DIR=str(model_dir), **env).items():
+        monkeypatch.setenv(key, value)
+    try:
+        start_or_exit()
+    except SystemExit as stopped:
+        assert stopped.code == 1
+    else:
+        raise AssertionError("the worker started")
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    return errors[0].getMessage()
