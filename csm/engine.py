@@ -183,13 +183,17 @@ class Engine:
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s,
                                    key_block, compile_backend)
         self.prefixes: list[tuple[Segment, Prefix]] = []
-        # Where start-up time went: weights, codec, watermark, compiling, caches and graphs.
+        # Where start-up time went: weights, codec, watermark, compiling, caches and graphs,
+        # checking the graphs.
         self.startup_ms = dict(startup_ms or {})
         compile_ms = self.scheduler.stepper.compile_ms
+        check_ms = self.scheduler.graph_check_ms
         if compile_backend is not None:
             self.startup_ms["compile"] = compile_ms
+        if self.scheduler.stepper.use_graphs:
+            self.startup_ms["graph_check"] = check_ms
         self.startup_ms["caches_and_graphs"] = (1000 * (time.perf_counter() - start)
-                                                - compile_ms)
+                                                - compile_ms - check_ms)
 
     def close(self) -> None:
         """Stop the frame loop and let go of the model, codec and caches (device memory)."""

@@ -88,6 +88,7 @@ class FrameStepper:
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, span) -> graph
         self.compile_ms = 0.0
+        self.check_ms = 0.0
         if compile_backend is not None:
             self.compile(compile_backend)
         if self.use_graphs:
@@ -99,7 +100,9 @@ class FrameStepper:
                 raise GraphCaptureError(
                     f"capturing the frame step as CUDA graphs failed ({type(e).__name__}: {e}); "
                     "CSM_CUDA_GRAPHS=0 serves without them, slower") from e
+            start = time.perf_counter()
             self.check_replay()
+            self.check_ms = 1000 * (time.perf_counter() - start)
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)

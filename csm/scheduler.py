@@ -167,8 +167,11 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.watchdog: threading.Thread | None = None
         self.codec.streamer.streaming_forever(max_batch)
+        self.graph_check_ms = self.stepper.check_ms  # both checks of CUDA graphs
         if self.stepper.use_graphs:
+            start = time.perf_counter()
             self._check_mimi_graphs()
+            self.graph_check_ms += 1000 * (time.perf_counter() - start)
 
     def _check_mimi_graphs(self) -> None:
         """Like the frame step's graphs (FrameStepper.check_replay), Mimi's are checked on

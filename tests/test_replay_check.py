@@ -81,6 +81,21 @@ def test_a_graph_that_does_not_draw_what_eager_steps_draw_stops_start_up(model, 
     assert (stepper.remaining == 0).all() and not stepper.h.any()
 
 
+def test_the_checks_time_is_its_own_start_up_entry(tiny_model_dir, monkeypatch):
+    from csm.engine import Engine
+
+    def capture(self: FrameStepper) -> None:
+        self.graphs = {(n, keys): Replay(self, n, keys, "correct")
+                       for n in self.buckets for keys in self.spans}
+
+    monkeypatch.setattr(FrameStepper, "capture", capture)
+    with Engine.load(tiny_model_dir, device="cpu", max_batch=2, use_graphs=True) as engine:
+        checked = engine.startup_ms["graph_check"]
+        assert checked > engine.scheduler.stepper.check_ms > 0  # frame step, then Mimi
+    with Engine.load(tiny_model_dir, device="cpu", max_batch=2) as engine:
+        assert "graph_check" not in engine.startup_ms
+
+
 def test_a_draw_turned_by_rounding_in_one_trial_is_forgiven(model):
     stepper = stepper_with(model, "one_flip")
     stepper.check_replay()
