@@ -176,8 +176,9 @@ class Scheduler:
     def _check_mimi_graphs(self) -> None:
         """Like the frame step's graphs (FrameStepper.check_replay), Mimi's are checked on
         the deployment's own GPU before the first job, and captured here rather than in a job:
-        within 1% of the peak of the same decode without graphs (cuDNN's TF32 convolutions
-        differ by ~0.1%; a replay that ignores exec_mask or state by the signal itself)."""
+        within 1% of the peak of the same decode without graphs. cuDNN's TF32 convolutions
+        differ by ~0.1%; a replay that ignored exec_mask or its state would be off by about
+        the signal itself."""
         error = self.codec.stream_graph_error(self.max_batch)
         if not error <= 0.01:  # NaN fails too
             raise GraphCaptureError(
