@@ -170,6 +170,11 @@ async def scenario(ctx: Context, worker: Worker) -> None:
     pcm_samples = sum(len(base64.b64decode(c["audio_base64"])) // 2 for c in streamed)
     ctx.check("the streamed chunks add up to the summary's duration",
               pcm_samples == ctx.mode.job_ms * 24, pcm_samples)
+    first = len(base64.b64decode(streamed[0]["audio_base64"])) // 2
+    _, leaves = WatermarkStream.FIRST_PERIOD[0]
+    ctx.check("a stream's first chunk leaves with the first block (the watermark's first point, "
+              "less the resamplers' delay), not after a whole period",
+              len(streamed) > 1 and 0 < first <= leaves * 24_000 / WATERMARK_SAMPLE_RATE, first)
     ctx.record(whole_timings=whole[-1].get("timings"))
     ctx.step("verify_watermark")
     start = time.perf_counter()
