@@ -46,10 +46,17 @@ class Replay:
             stepper.codes[0, 5] += 1
 
 
+def capture_as(kind: str):
+    """A stand-in for FrameStepper.capture: every (bucket, span) gets a `kind` Replay."""
+    def capture(stepper: FrameStepper) -> None:
+        stepper.graphs = {(n, keys): Replay(stepper, n, keys, kind)
+                          for n in stepper.buckets for keys in stepper.spans}
+    return capture
+
+
 def stepper_with(model, kind: str, max_batch: int = 4) -> FrameStepper:
     stepper = FrameStepper(model, max_batch, use_graphs=False)
-    stepper.graphs = {(n, keys): Replay(stepper, n, keys, kind)
-                      for n in stepper.buckets for keys in stepper.spans}
+    capture_as(kind)(stepper)
     return stepper
 
 
@@ -84,11 +91,7 @@ def test_a_graph_that_does_not_draw_what_eager_steps_draw_stops_start_up(model, 
 def test_the_checks_time_is_its_own_start_up_entry(tiny_model_dir, monkeypatch):
     from csm.engine import Engine
 
-    def capture(self: FrameStepper) -> None:
-        self.graphs = {(n, keys): Replay(self, n, keys, "correct")
-                       for n in self.buckets for keys in self.spans}
-
-    monkeypatch.setattr(FrameStepper, "capture", capture)
+    monkeypatch.setattr(FrameStepper, "capture", capture_as("correct"))
     with Engine.load(tiny_model_dir, device="cpu", max_batch=2, use_graphs=True) as engine:
         checked = engine.startup_ms["graph_check"]
         assert checked > engine.scheduler.stepper.check_ms > 0  # frame step, then Mimi
@@ -150,11 +153,7 @@ def start_up_fails(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                    caplog: pytest.LogCaptureFixture, frame_graphs: str) -> str:
     """The worker's start-up with graphs on, capture (a stand-in here) installing
     `frame_graphs` graphs: the one line it exits with."""
-    def capture(self: FrameStepper) -> None:
-        self.graphs = {(n, keys): Replay(self, n, keys, frame_graphs)
-                       for n in self.buckets for keys in self.spans}
-
-    monkeypatch.setattr(FrameStepper, "capture", capture)
+    monkeypatch.setattr(FrameStepper, "capture", capture_as(frame_graphs))
     message = start_up_error(tiny_model_dir, monkeypatch, caplog, CSM_CUDA_GRAPHS="1")
     assert message.endswith("CSM_CUDA_GRAPHS=0 serves without graphs, slower")
     return message
