@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from moshi.models import loaders
-from moshi.utils.compile import no_cuda_graph
 from torch import Tensor
 
 SAMPLE_RATE = 24_000
@@ -25,8 +24,9 @@ def default_config() -> dict:
 
 class MimiCodec:
     """Two Mimi instances from one file: `mimi` encodes and decodes whole clips; `streamer`
-    is the scheduler's, kept in moshi's batched streaming mode. Streaming state lives on the
-    modules, so sharing one instance would make encoding a prompt corrupt a running decode."""
+    is the scheduler's, kept in moshi's batched streaming mode (csm.mimi_rows). Streaming
+    state lives on the modules, so sharing one instance would make encoding a prompt corrupt
+    a running decode."""
 
     def __init__(self, mimi: torch.nn.Module, streamer: torch.nn.Module):
         self.mimi = mimi
@@ -63,33 +63,6 @@ class MimiCodec:
         """CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048); a code Mimi
         cannot decode becomes 0 rather than crashing the decoder."""
         return codes.masked_fill(codes >= self.codebook_size, 0)
-
-    @torch.inference_mode()
-    def stream_graph_error(self, batch: int, frames: int = 6) -> float:
-        """How far the streamer's audio under moshi's CUDA graphs (captured on its second
-        call, replayed after) is from its audio without them, relative to the peak: random
-        codes for all `batch` rows, a third of the rows paused by `exec_mask` at each frame as
-        the scheduler pauses rows. Without CUDA both runs are eager (0.0). The streamer's
-        state is reset after; its graphs stay captured for serving."""
-        generator = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, self.codebook_size, (frames, batch, NUM_CODEBOOKS, 1),
-                              generator=generator).to(self.device)
-        live = (torch.arange(frames)[:, None] + torch.arange(batch)) % 3 != 2
-        live = live.to(self.device)
-
-        def decode() -> Tensor:
-            self.streamer.reset_streaming()
-            pcm = []
-            for s in range(frames):
-                self.streamer.set_exec_mask(live[s])
-                pcm.append(self.streamer.decode(codes[s])[:, 0].float() * live[s, :, None])
-            self.streamer.reset_streaming()
-            return torch.stack(pcm)
-
-        graphed = decode()
-        with no_cuda_graph():
-            eager = decode()
-        return float((graphed - eager).abs().max() / eager.abs().max())
 
     @torch.inference_mode()
     def decode(self, codes: Tensor) -> Tensor:

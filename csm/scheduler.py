@@ -3,9 +3,9 @@
 Each job owns a row ("slot") of the KV caches. The loop runs in blocks: prefill a bounded
 number of prompt positions for newcomers, then `CHECK_EVERY` frame steps over the first
 `bucket` rows (attending over the key span that holds their positions) without looking at
-the results, then one device->host copy of the block to find end frames, feed Mimi and hand
-audio to each job. Jobs join and leave at block boundaries; a finished job's slot is reused
-at once. A job may be several pieces (long text, dialogue turns): when one piece ends,
+the results, then one device->host copy of the block to find end frames, feed Mimi (on the
+same bucket of rows, `MimiRows`) and hand audio to each job. Jobs join and leave at block
+boundaries; a finished job's slot is reused at once. A job may be several pieces (long text, dialogue turns): when one piece ends,
 `next_piece` gives the next prompt and the job re-prefills its own slot, keeping its Mimi
 state so the audio runs on without a seam.
 
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .codec import MimiCodec
 from .frame_step import KEY_BLOCK, FrameStepper, GraphCaptureError
+from .mimi_rows import MimiRows
 from .model import CSM
 from .sampling import noise_key
 
@@ -166,7 +167,7 @@ class Scheduler:
         self.busy_since: float | None = None  # when the running iteration began
         self.thread: threading.Thread | None = None
         self.watchdog: threading.Thread | None = None
-        self.codec.streamer.streaming_forever(max_batch)
+        self.mimi = MimiRows(codec.streamer, self.stepper.buckets)
         self.graph_check_ms = self.stepper.check_ms  # both checks of CUDA graphs
         if self.stepper.use_graphs:
             start = time.perf_counter()
@@ -179,12 +180,13 @@ class Scheduler:
         within 1% of the peak of the same decode without graphs. cuDNN's TF32 convolutions
         differ by ~0.1%; a replay that ignored exec_mask or its state would be off by about
         the signal itself."""
-        error = self.codec.stream_graph_error(self.max_batch)
-        if not error <= 0.01:  # NaN fails too
-            raise GraphCaptureError(
-                f"Mimi's streaming decode under CUDA graphs differs from the same decode "
-                f"without them by {error:.1%} of its peak (at most 1%); CSM_CUDA_GRAPHS=0 "
-                "serves without graphs, slower")
+        for bucket in self.stepper.buckets:
+            error = self.mimi.graph_error(bucket, self.codec.codebook_size)
+            if not error <= 0.01:  # NaN fails too
+                raise GraphCaptureError(
+                    f"Mimi's streaming decode of {bucket} rows under CUDA graphs differs from "
+                    f"the same decode without them by {error:.1%} of its peak (at most 1%); "
+                    "CSM_CUDA_GRAPHS=0 serves without graphs, slower")
 
     # ---- thread-safe API -------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -325,7 +327,7 @@ class Scheduler:
         """A fresh row for a new job: parked until its prompt is in, Mimi's state reset."""
         self.slots[slot] = Occupant(job, slot, job.piece)
         self.stepper.park(slot)
-        self.codec.streamer.reset_streaming(self._per_row({slot: 1}) > 0)
+        self.mimi.reset(self._per_row({slot: 1}) > 0)
 
     def _vacate(self, occupant: Occupant, error: BaseException | None) -> None:
         self.stepper.park(occupant.slot)
@@ -401,7 +403,7 @@ class Scheduler:
         and move on the rows whose piece ended."""
         block = self.block_codes[:steps, :bucket].to("cpu", copy=True)  # reused next block
         taken = {o.slot: o.take(block[:, o.slot]) for o in running}
-        audio = self._decode({slot: n for slot, (n, _) in taken.items()}, steps)
+        audio = self._decode({slot: n for slot, (n, _) in taken.items()}, bucket)
         for occupant in running:
             n, ended = taken[occupant.slot]
             if occupant.job.done:  # failed by the watchdog while this block ran
@@ -414,15 +416,15 @@ class Scheduler:
             if ended is not None:
                 self._end_piece(occupant, ended)
 
-    def _decode(self, valid: dict[int, int], steps: int) -> dict[int, Tensor]:
-        """Mimi's streaming decode, one frame at a time, only for rows with a valid frame."""
-        mimi = self.codec.streamer
-        counts = self._per_row(valid)  # one host->device copy per block, not per frame
+    def _decode(self, valid: dict[int, int], bucket: int) -> dict[int, Tensor]:
+        """Mimi's streaming decode, one frame at a time, over the frame step's bucket of rows
+        (the others keep their state, a row between pieces too); only rows with a valid
+        frame advance."""
+        counts = self._per_row(valid)[:bucket]  # one host->device copy per block, not per frame
         pieces: dict[int, list[Tensor]] = {slot: [] for slot in valid}
         for s in range(max(valid.values(), default=0)):
-            mimi.set_exec_mask(counts > s)
-            codes = self.codec.valid_codes(self.block_codes[s])[:, :, None]
-            pcm = mimi.decode(codes)[:, 0].float()
+            codes = self.codec.valid_codes(self.block_codes[s, :bucket])
+            pcm = self.mimi.decode(codes, counts > s).float()
             for slot, n in valid.items():
                 if s < n:
                     pieces[slot].append(pcm[slot])

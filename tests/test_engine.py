@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from csm.checkpoint import load_model
 from csm.engine import Engine, GenerationRequest, PromptTooLongError, Utterance
 from csm.llama import attend, fold_mask
+from csm.mimi_rows import MimiRows
 from csm.prompt import Segment
 from csm.model import SamplingState
 from csm.scheduler import CHECK_EVERY
@@ -86,6 +87,21 @@ def test_streamed_mimi_decode_equals_whole_clip_decode(engine, voice):
     whole = engine.codec.decode(result.codes).cpu()
     assert result.audio.shape == whole.shape == (25 * 1920,)
     assert (result.audio - whole).abs().max() < 1e-5
+
+
+def test_mimi_decodes_only_the_frame_steps_bucket_of_rows(engine, voice, monkeypatch):
+    """On a 4-row engine a job alone decodes one row a frame, not four; three at once, the
+    bucket of 4, then fewer rows as the later slots' shorter jobs end."""
+    rows, decode = [], MimiRows.decode
+    monkeypatch.setattr(MimiRows, "decode", lambda self, codes, live:
+                        rows.append(len(codes)) or decode(self, codes, live))
+    engine.generate(request(voice, seed=1))
+    assert set(rows) == {1}
+    rows.clear()
+    generations = [engine.start(request(voice, seed=s, ms=1120 - 320 * s)) for s in range(3)]
+    for generation in generations:
+        list(generation.blocks())
+    assert 4 in rows and 2 in rows and rows[-1] == 1
 
 
 def test_generate_is_reproducible_and_seed_dependent(engine, voice):

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import csm.codec
+import csm.mimi_rows
 from csm.checkpoint import load_model
 from csm.codec import NUM_CODEBOOKS, MimiCodec
 from csm.frame_step import FrameStepper, GraphCaptureError
+from csm.mimi_rows import MimiRows
 from worker_helpers import start_up_error
 
 
@@ -105,11 +106,8 @@ def test_a_draw_turned_by_rounding_in_one_trial_is_forgiven(model):
     assert stepper.graphs[1, 512].replays == 4  # the one row disagreed: a second trial
 
 
-@pytest.fixture
-def codec(tiny_model_dir) -> MimiCodec:
-    codec = MimiCodec.load(tiny_model_dir / "mimi")
-    codec.streamer.streaming_forever(4)
-    return codec
+def mimi_rows(tiny_model_dir: Path) -> MimiRows:
+    return MimiRows(MimiCodec.load(tiny_model_dir / "mimi").streamer, [1, 2, 4])
 
 
 def mimi_graphs_ignoring_exec_mask(codec: MimiCodec, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,27 +124,30 @@ def mimi_graphs_ignoring_exec_mask(codec: MimiCodec, monkeypatch: pytest.MonkeyP
             graphed[0] = True
 
     set_exec_mask = codec.streamer.set_exec_mask
-    monkeypatch.setattr(csm.codec, "no_cuda_graph", no_cuda_graph)
+    monkeypatch.setattr(csm.mimi_rows, "no_cuda_graph", no_cuda_graph)
     monkeypatch.setattr(codec.streamer, "set_exec_mask",
                         lambda mask: set_exec_mask(mask | graphed[0]))
 
 
-def first_frames(codec: MimiCodec) -> torch.Tensor:
+def first_frames(rows: MimiRows) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 2048, (2, 4, NUM_CODEBOOKS, 1), generator=generator)
-    return torch.stack([codec.streamer.decode(codes[s]) for s in range(2)])
+    codes = torch.randint(0, 2048, (2, 4, NUM_CODEBOOKS), generator=generator)
+    return torch.stack([rows.decode(codes[s], torch.ones(4, dtype=torch.bool))
+                        for s in range(2)])
 
 
-def test_the_mimi_check_is_exact_without_cuda_and_leaves_every_row_reset(codec, tiny_model_dir):
-    assert codec.stream_graph_error(4) == 0.0
-    fresh = MimiCodec.load(tiny_model_dir / "mimi")
-    fresh.streamer.streaming_forever(4)
-    assert torch.equal(first_frames(codec), first_frames(fresh))
+def test_the_mimi_check_is_exact_without_cuda_and_leaves_every_row_reset(tiny_model_dir):
+    rows = mimi_rows(tiny_model_dir)
+    assert [rows.graph_error(b, 2048) for b in (1, 2, 4)] == [0.0, 0.0, 0.0]
+    assert torch.equal(first_frames(rows), first_frames(mimi_rows(tiny_model_dir)))
 
 
-def test_a_mimi_decode_that_ignores_exec_mask_is_caught(codec, monkeypatch):
+def test_a_mimi_decode_that_ignores_exec_mask_is_caught(tiny_model_dir, monkeypatch):
+    codec = MimiCodec.load(tiny_model_dir / "mimi")
     mimi_graphs_ignoring_exec_mask(codec, monkeypatch)
-    assert codec.stream_graph_error(4) > 0.1
+    rows = MimiRows(codec.streamer, [1, 2, 4])
+    assert rows.graph_error(1, 2048) > 0.1
+    assert rows.graph_error(4, 2048) > 0.1
 
 
 def start_up_fails(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -179,5 +180,5 @@ def test_a_disagreeing_mimi_graph_ends_start_up_in_one_line_that_names_the_switc
 
     monkeypatch.setattr(MimiCodec, "load", staticmethod(load_broken))
     message = start_up_fails(tiny_model_dir, monkeypatch, caplog, "correct")
-    assert message.startswith("the worker cannot start: Mimi's streaming decode under CUDA "
-                              "graphs differs from the same decode without them by ")
+    assert message.startswith("the worker cannot start: Mimi's streaming decode of 1 rows "
+                              "under CUDA graphs differs from the same decode without them by ")

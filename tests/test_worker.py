@@ -20,9 +20,10 @@ from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream
 from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
 from worker.settings import load_settings
-from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_b64,
-                            audio_file, b64, collect, complete, decode_audio, decode_bytes,
-                            decode_with_ffmpeg, run, stream_wav_frames)
+from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME,
+                            assert_same_audio, audio_b64, audio_file, b64, collect, complete,
+                            decode_audio, decode_bytes, decode_with_ffmpeg, run,
+                            stream_wav_frames)
 
 CAP_MS = 2400  # CSM_MAX_AUDIO_LENGTH_MS: 30 frames, over two periods of the watermark
 CONTEXT_SECONDS = 30
@@ -514,7 +515,7 @@ def test_concurrent_jobs_equal_the_same_jobs_alone(worker, loop):
         assert "error" not in batched, batched
         assert batched["seed"] == payload["seed"] and batched["format"] == solo["format"]
         assert batched["duration_ms"] == solo["duration_ms"]
-        assert batched["audio_base64"] == solo["audio_base64"], payload
+        assert_same_audio(batched, solo)
     assert worker.engine.scheduler.active_jobs == 0
 
 

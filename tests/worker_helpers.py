@@ -58,6 +58,20 @@ def decode_audio(response: dict[str, Any]) -> tuple[np.ndarray, int]:
     return decode_bytes(raw, response["format"])
 
 
+# Mimi's convolutions round differently at another batch size (~4e-8 on this CPU; it decodes
+# only the rows in use), so a job's sample may land on the neighbouring 16-bit step beside
+# other jobs than alone (measured: one step). Another job's audio, or a frame out of place,
+# is off by the signal itself.
+SAME_AUDIO = 2 / 32767
+
+
+def assert_same_audio(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two responses hold the same job's audio, whatever ran beside it."""
+    (first, _), (second, _) = decode_audio(a), decode_audio(b)
+    assert first.shape == second.shape
+    assert np.abs(first - second).max() <= SAME_AUDIO
+
+
 # Encoders that add priming and padding a plain stream can't tell the decoder to trim
 # (no gapless tag): their decoded length is the true one plus up to this many samples.
 PRIMING_SAMPLES = {"aac": 2048, "mp3": 2304}
