@@ -222,6 +222,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--max-batch", type=int, default=0,
+                        help="rows the engine is built for (0: the highest concurrency)")
+    parser.add_argument("--full-size-codecs", action="store_true",
+                        help="the real Mimi and SilentCipher sizes at any shapes (csm-1b: always)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--compile", action="store_true",
@@ -236,14 +240,16 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report: dict = {"shapes": args.shapes, "device": str(device), "dtype": str(dtype),
                     "frames": args.frames, "reps": args.reps, "compiled": args.compile,
+                    "max_batch": args.max_batch or max(levels),
+                    "full_size_codecs": args.full_size_codecs or args.shapes == "csm-1b",
                     "torch_threads": torch.get_num_threads(),
                     "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny(Path(tmp), cfg=cfg, full_size_codecs=args.shapes == "csm-1b")
+        folder = make_tiny(Path(tmp), cfg=cfg, full_size_codecs=report["full_size_codecs"])
         start = time.perf_counter()
-        with Engine.load(folder, device=device, max_batch=max(levels),
+        with Engine.load(folder, device=device, max_batch=report["max_batch"],
                          compile_backend="inductor" if args.compile else None) as engine:
             sync(device)
             report["startup_ms"] = {k: round(v, 1) for k, v in engine.startup_ms.items()}

@@ -8,6 +8,10 @@ the frame loop gets its own moshi state objects whose tensors are views of the f
 that one state: decoding with a bucket's state updates the shared rows in place, and switching
 bucket copies nothing. moshi updates its streaming state in place (its own CUDA graphs rely on
 it), and each bucket's state has its own graphs, captured for that batch size.
+
+This reaches into moshi's streaming internals (`_init_streaming_state`, `_streaming_state`,
+the state dataclasses' fields) of the pinned moshi 0.2.13; tests/test_mimi_rows.py fails if a
+new version's states stop sharing rows this way.
 """
 
 from __future__ import annotations

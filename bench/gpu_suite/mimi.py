@@ -1,22 +1,24 @@
 """Part `mimi`: Mimi's streaming decode as the frame loop drives it, under moshi's CUDA graphs.
 
-The scheduler keeps one Mimi in batched streaming mode: each step it sets `exec_mask` to the
-rows that have a frame and decodes every row; a row taking a new job resets its state
-(`reset_streaming` with a mask). On a GPU moshi replays that streaming decode as CUDA graphs.
-Here rows join late, pause (their masked steps are fed garbage codes that must leave their
-state alone), and one row is reused by a second clip after a reset. Each clip's audio must
-match, within TOLERANCE of its peak:
+The scheduler keeps one Mimi streaming for all its rows (`csm.mimi_rows.MimiRows`) and decodes
+each frame on the frame step's bucket of rows (1, 2, 4 ... as rows join and leave), each bucket
+with its own moshi state objects whose tensors are views of the first rows of the one full
+state, and its own graphs; `exec_mask` holds the rows that have a frame; a row taking a new job
+resets its state. Here rows join late (the bucket grows), pause (their masked steps are fed
+garbage codes that must leave their state alone), wait outside a smaller bucket and go on, and
+one row is reused by a second clip after a reset. Each clip's audio must match, within
+TOLERANCE of its peak:
 - the same schedule with moshi's graphs off (`moshi.utils.compile.no_cuda_graph`),
-- the clip alone, streaming in a batch of one (batched rows equal solo rows),
+- the clip alone, streaming in a plain moshi batch of one (batched rows equal solo rows),
 - the clip decoded whole, not streaming.
 
-Measured: one streaming decode step with one live row, on as many rows as the speed part's
-engines hold (1 to 64 on a GPU). The scheduler decodes all of its rows every frame, live or
-not: this says what the idle ones cost (the lead "decode only live rows").
+Measured: one streaming decode step with one live row, on a bucket of each size the speed
+part's engines hold (1 to 64 on a GPU): what a frame's decode costs as the bucket grows.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -25,11 +27,13 @@ from moshi.utils.compile import no_cuda_graph
 from torch import Tensor
 
 from csm.codec import NUM_CODEBOOKS, MimiCodec
+from csm.mimi_rows import MimiRows
 
 from ..run import time_ms
 from .context import Context
 
 STEPS = 20
+BUCKETS = [1, 2, 4]
 # cuDNN may run convolutions in TF32 on a GPU (torch's default): ~1e-3 of the peak between
 # algorithms. A state bug (a masked row advanced, a reset missed) is off by the signal itself.
 TOLERANCE = 1e-2
@@ -42,47 +46,54 @@ class Clip:
 
 
 def schedule() -> list[Clip]:
-    paused = {5, 6, 7, 12}
+    """The buckets go 1, 2, 4 as rows join, 2 at step 12 (row 2 paused outside it), 4 again."""
     return [
-        Clip(0, tuple(range(STEPS))),                                # from the start
-        Clip(1, tuple(range(3, STEPS))),                             # joins at step 3
-        Clip(2, tuple(s for s in range(STEPS) if s not in paused)),  # pauses twice
-        Clip(3, tuple(range(8))),                                    # leaves at step 8 ...
-        Clip(3, tuple(range(10, STEPS))),                            # ... its row reused
+        Clip(0, tuple(range(STEPS))),                                        # from the start
+        Clip(1, tuple(range(2, STEPS))),                                     # joins at step 2
+        Clip(2, tuple(s for s in range(4, STEPS) if s not in {6, 12})),     # pauses twice
+        Clip(3, tuple(range(4, 9))),                                         # leaves ...
+        Clip(3, tuple(range(15, STEPS))),                                    # ... row reused
     ]
 
 
-def streamed(codec: MimiCodec, clips: list[Clip], codes: list[Tensor], garbage: Tensor,
-             rows: int) -> list[Tensor]:
-    """Decode the clips on `rows` streaming rows as the scheduler does; audio per clip."""
-    mimi, dev = codec.streamer, codec.device
+def streamed(codec: MimiCodec, clips: list[Clip], codes: list[Tensor],
+             garbage: Tensor) -> list[Tensor]:
+    """Decode the clips on their own copy of the scheduler's streamer as the scheduler does,
+    each step on the bucket that holds the highest row with a frame; audio per clip."""
+    rows, dev = MimiRows(copy.deepcopy(codec.streamer), BUCKETS), codec.device
     audio: list[list[Tensor]] = [[] for _ in clips]
-    with mimi.streaming(rows):
-        for step in range(STEPS):
-            live = {i: clip for i, clip in enumerate(clips) if step in clip.steps}
-            joining = [c.row for c in live.values() if c.steps[0] == step]
-            if joining:
-                mimi.reset_streaming(row_mask(joining, rows, dev))
-            if not live:
-                continue
-            mimi.set_exec_mask(row_mask([c.row for c in live.values()], rows, dev))
-            frame = garbage[:rows, :, step].clone()
-            for i, clip in live.items():
-                frame[clip.row] = codes[i][:, clip.steps.index(step)]
-            pcm = mimi.decode(frame.to(dev)[:, :, None])[:, 0].float()
-            for i, clip in live.items():
-                audio[i].append(pcm[clip.row].cpu())
+    for step in range(STEPS):
+        live = {i: clip for i, clip in enumerate(clips) if step in clip.steps}
+        joining = [c.row for c in live.values() if c.steps[0] == step]
+        if joining:
+            rows.reset(row_mask(joining, rows.rows, dev))
+        if not live:
+            continue
+        bucket = next(b for b in BUCKETS if b > max(c.row for c in live.values()))
+        frame = garbage[:bucket, :, step].clone()
+        for i, clip in live.items():
+            frame[clip.row] = codes[i][:, clip.steps.index(step)]
+        pcm = rows.decode(frame.to(dev), row_mask([c.row for c in live.values()], bucket, dev))
+        for i, clip in live.items():
+            audio[i].append(pcm[clip.row].float().cpu())
     return [torch.cat(a) for a in audio]
 
 
+def alone(codec: MimiCodec, codes: Tensor) -> Tensor:
+    """One clip streamed by a plain moshi Mimi in a batch of one."""
+    mimi = copy.deepcopy(codec.streamer)
+    with mimi.streaming(1):
+        return torch.cat([mimi.decode(codes[None, :, f:f + 1].to(codec.device))[0, 0].float()
+                          for f in range(codes.shape[1])]).cpu()
+
+
 def decode_step_ms(codec: MimiCodec, rows: int, reps: int) -> float:
-    """Median milliseconds of one streaming decode step on `rows` rows, only row 0 live (the
-    warm-up calls also capture moshi's graphs)."""
-    mimi, dev = codec.streamer, codec.device
-    frame = torch.zeros(rows, NUM_CODEBOOKS, 1, dtype=torch.long, device=dev)
-    with mimi.streaming(rows):
-        mimi.set_exec_mask(row_mask([0], rows, dev))
-        return time_ms(lambda: mimi.decode(frame), dev, reps)
+    """Median milliseconds of one streaming decode step on a bucket of `rows` rows, only row
+    0 live (the warm-up calls also capture moshi's graphs)."""
+    mimi_rows, dev = MimiRows(copy.deepcopy(codec.streamer), [rows]), codec.device
+    frame = torch.zeros(rows, NUM_CODEBOOKS, dtype=torch.long, device=dev)
+    live = row_mask([0], rows, dev)
+    return time_ms(lambda: mimi_rows.decode(frame, live), dev, reps)
 
 
 def row_mask(rows: list[int], size: int, device: torch.device) -> Tensor:
@@ -104,7 +115,7 @@ def run(ctx: Context) -> None:
     gen = torch.Generator().manual_seed(0)
     codes = [torch.randint(0, codec.codebook_size, (NUM_CODEBOOKS, len(c.steps)), generator=gen)
              for c in clips]
-    rows = max(c.row for c in clips) + 1
+    rows = BUCKETS[-1]
     garbage = torch.randint(0, codec.codebook_size, (rows, NUM_CODEBOOKS, STEPS), generator=gen)
     ctx.step("whole-clip decodes")
     whole = [codec.decode(c).cpu() for c in codes]
@@ -112,16 +123,15 @@ def run(ctx: Context) -> None:
     with torch.inference_mode():
         ctx.step("batched streaming, graphed")
         start = time.perf_counter()
-        graphed = streamed(codec, clips, codes, garbage, rows)
+        graphed = streamed(codec, clips, codes, garbage)
         timings["graphed_s"] = time.perf_counter() - start
         ctx.step("batched streaming, graphs off")
         start = time.perf_counter()
         with no_cuda_graph():
-            eager = streamed(codec, clips, codes, garbage, rows)
+            eager = streamed(codec, clips, codes, garbage)
         timings["eager_s"] = time.perf_counter() - start
         ctx.step("each clip alone, streaming")
-        solo = [streamed(codec, [Clip(0, c.steps)], [codes[i]], garbage, 1)[0]
-                for i, c in enumerate(clips)]
+        solo = [alone(codec, c) for c in codes]
         ctx.step("one live row on many rows, timed")
         reps = 20 if ctx.device.type == "cuda" else 3
         timings["decode_step_ms_one_live_row"] = {
