@@ -16,6 +16,7 @@ buffers on every call.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import sys
 import threading
@@ -96,10 +97,21 @@ def parse_key(value: str | Sequence[int]) -> tuple[int, int, int, int, int]:
 
 
 class Watermarker:
-    """SilentCipher's 44.1 kHz model, safe to share between threads of one process."""
+    """SilentCipher's 44.1 kHz model, safe to share between threads of one process.
 
-    def __init__(self, model: Any) -> None:  # a silentcipher.server.Model
+    On a GPU its work goes to a CUDA stream of its own (`cuda_stream`). On the default stream,
+    which every thread shares, a marking call would queue behind the frame loop's graph
+    replays and its result would wait for them (about a block of frames), while the loop's
+    once-a-block sync would wait for the marking; calls take turns, so that wait would cap
+    how many streams a worker can keep marked. `cuda_stream` None: the caller's current stream
+    (the GPU suite's `worker` part measures a call both ways while the loop is busy).
+    """
+
+    def __init__(self, model: Any, device: torch.device) -> None:  # a silentcipher Model
         self._model = model
+        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.cuda_stream is not None:
+            torch.cuda.synchronize(device)  # the weights are on the device before its use
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> Watermarker:
@@ -129,7 +141,7 @@ class Watermarker:
             for layer in network.modules():
                 if isinstance(layer, torch.nn.BatchNorm2d):
                     _normalise_with_clip_statistics(layer)
-        return cls(model)
+        return cls(model, torch.device(device))
 
     def embed(
         self, audio: torch.Tensor, sample_rate: int, key: str | Sequence[int]
@@ -154,11 +166,18 @@ class Watermarker:
 
     def encode_44k(self, samples: np.ndarray, message: list[int]) -> np.ndarray:
         """CSM's embedding call on 44.1 kHz samples (the key's symbols restart at the start)."""
-        with _SILENTCIPHER_LOCK:
+        with _SILENTCIPHER_LOCK, self._on_own_stream():
             marked, _ = self._model.encode_wav(
                 samples, WATERMARK_SAMPLE_RATE, message, calc_sdr=False, message_sdr=36
             )
         return marked.astype(np.float32)
+
+    def _on_own_stream(self) -> contextlib.AbstractContextManager:
+        # silentcipher ends each call by copying its result to the host, which waits for
+        # this stream's work alone.
+        if self.cuda_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.cuda_stream)
 
     def stream(self, sample_rate: int, key: str | Sequence[int]) -> "WatermarkStream":
         return WatermarkStream(self, sample_rate, list(parse_key(key)))
@@ -170,7 +189,7 @@ class Watermarker:
         if not samples.any():
             return False
         at_44k = resample_array(samples, sample_rate, WATERMARK_SAMPLE_RATE)
-        with _SILENTCIPHER_LOCK:
+        with _SILENTCIPHER_LOCK, self._on_own_stream():
             result = self._model.decode_wav(
                 at_44k, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True
             )

@@ -93,6 +93,9 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     assert positive(period["ms"]) and round(period["audio_ms"]) == 975
     assert period["first_period_ms"] > period["ms"]  # three calls, the last of them a period
     assert period["real_time_streams"] == pytest.approx(period["audio_ms"] / period["ms"])
+    busy = worker["watermark_period_busy"]  # no CUDA stream of its own on the CPU
+    assert busy["own_stream"] is False and busy["jobs_running"] == 8
+    assert positive(busy["own_stream_ms"]) and positive(busy["default_stream_ms"])
     assert {"weights", "codec", "watermark", "voices", "warm_up"} <= set(worker["startup_ms"])
     assert 0 < worker["worker_start_s"] < worker["ready_after_process_start_s"]
     speed = parts["speed"]

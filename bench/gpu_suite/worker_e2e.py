@@ -3,7 +3,8 @@
 As RunPod drives it (one asyncio loop, up to 8 jobs at once), on the mode's main shapes:
 time to the first streamed chunk with a preset voice; a whole and a streamed job, both
 watermarked; `verify_watermark` and its time; one stream's watermarking call and how many
-streams a worker can keep marked in real time; 8 jobs at once; a streamed job whose caller
+streams a worker can keep marked in real time, and the same call while 8 jobs run (on the
+watermarker's own CUDA stream and on the default one); 8 jobs at once; a streamed job whose caller
 hangs up after the first chunk (cancelled) and one whose consumer raises, while others run;
 8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
 audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
@@ -23,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import torch
 
+from csm.engine import GenerationRequest
 from csm.text_tokenizer import TextTokenizer
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream, parse_key
 from worker.service import Worker
@@ -94,15 +97,18 @@ async def abandoned(ctx: Context, worker: Worker) -> None:
               and complete(ctx, streamed, True), repr(raised))
 
 
+def period_samples() -> np.ndarray:
+    samples = np.random.default_rng(0).standard_normal(WatermarkStream.PERIOD) * 0.1
+    return samples.astype(np.float32)
+
+
 def watermark_period(worker: Worker, reps: int) -> dict[str, float]:
     """A stream is marked one period of the key at a time (~0.975 s of audio), its first
     period in three calls so that its first audio leaves early (csm.watermark.
     WatermarkStream.FIRST_PERIOD). Marking calls take turns process-wide (silentcipher's shared
     STFT): the period's length over one call's time is how many streams one worker can keep
     marked in real time, whatever the engine could generate."""
-    samples = np.random.default_rng(0).standard_normal(WatermarkStream.PERIOD) * 0.1
-    samples = samples.astype(np.float32)
-    message = list(parse_key(KEY))
+    samples, message = period_samples(), list(parse_key(KEY))
     marker, device = worker.engine.watermarker, worker.engine.device
 
     def first_period() -> None:
@@ -113,6 +119,34 @@ def watermark_period(worker: Worker, reps: int) -> dict[str, float]:
     audio_ms = 1000 * WatermarkStream.PERIOD / WATERMARK_SAMPLE_RATE
     return {"ms": ms, "first_period_ms": time_ms(first_period, device, reps),
             "audio_ms": audio_ms, "real_time_streams": audio_ms / ms}
+
+
+def marking_while_busy(worker: Worker, reps: int) -> dict[str, float]:
+    """One period's marking call while 8 engine jobs (unmarked) keep the frame loop busy: on
+    the watermarker's own CUDA stream, as served, and on the shared default stream, as before
+    2026-12-06 (there a call queues behind the loop's graph replays). On the CPU both runs
+    are the same call. The result is on the host when the call returns: no device sync."""
+    engine, marker = worker.engine, worker.engine.watermarker
+    samples, message = period_samples(), list(parse_key(KEY))
+    generations = [engine.start(GenerationRequest(text=TEXT, max_audio_length_ms=LONG_MS,
+                                                  seed=400 + i, stop_at_end_frame=False))
+                   for i in range(CONCURRENCY)]
+    try:
+        for generation in generations:
+            next(generation.blocks())  # every job is drawing frames
+        own = time_ms(lambda: marker.encode_44k(samples, message), torch.device("cpu"), reps)
+        stream, marker.cuda_stream = marker.cuda_stream, None
+        try:
+            shared = time_ms(lambda: marker.encode_44k(samples, message), torch.device("cpu"),
+                             reps)
+        finally:
+            marker.cuda_stream = stream
+    finally:
+        for generation in generations:
+            generation.cancel()
+            list(generation.blocks())
+    return {"own_stream_ms": own, "default_stream_ms": shared,
+            "jobs_running": CONCURRENCY, "own_stream": stream is not None}
 
 
 def reference_audio(seconds: float) -> str:
@@ -187,6 +221,9 @@ async def scenario(ctx: Context, worker: Worker) -> None:
               isinstance(verdict.get("watermarked"), bool), verdict)
     ctx.step("watermarking one period of a stream")
     ctx.record(watermark_period=watermark_period(worker, 5 if ctx.device.type == "cuda" else 2))
+    ctx.step("watermarking one period while 8 jobs run")
+    ctx.record(watermark_period_busy=await asyncio.to_thread(
+        marking_while_busy, worker, 5 if ctx.device.type == "cuda" else 2))
     ctx.step("8 jobs at once")
     before_s, done = await eight_at_once(ctx, worker, 100)
     ctx.check("8 jobs at once (whole and streamed, every format) all complete", all(done), done)
