@@ -10,6 +10,8 @@ import torch
 from moshi.models import loaders
 from torch import Tensor
 
+from .side_stream import side_stream
+
 SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 1920
 NUM_CODEBOOKS = 32
@@ -31,6 +33,8 @@ class MimiCodec:
     def __init__(self, mimi: torch.nn.Module, streamer: torch.nn.Module):
         self.mimi = mimi
         self.streamer = streamer
+        # Encoding runs on request threads, beside the frame loop (csm.side_stream).
+        self.encode_stream = side_stream(self.device)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> "MimiCodec":
@@ -51,9 +55,11 @@ class MimiCodec:
 
     @torch.inference_mode()
     def encode(self, audio: Tensor) -> Tensor:
-        """1-D 24 kHz audio -> codes [32, frames] (int64); a partial last frame is kept."""
-        codes = self.mimi.encode(audio.to(self.device, torch.float32)[None, None])
-        return codes[0].long()
+        """1-D 24 kHz audio on the host -> codes [32, frames] (int64, on the host); a partial
+        last frame is kept."""
+        with torch.cuda.stream(self.encode_stream):
+            codes = self.mimi.encode(audio.to(self.device, torch.float32)[None, None])
+            return codes[0].long().cpu()  # waits for this stream's work alone
 
     @property
     def codebook_size(self) -> int:

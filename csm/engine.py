@@ -253,7 +253,7 @@ class Engine:
     def segment(self, speaker: int, text: str, audio: Tensor, sample_rate: int) -> Segment:
         """A context turn from mono audio at any rate (Mimi-encoded here, at 24 kHz)."""
         codes = self.codec.encode(resample(audio, sample_rate, SAMPLE_RATE))
-        return Segment(speaker=speaker, text=text, codes=codes.cpu())
+        return Segment(speaker=speaker, text=text, codes=codes)
 
     def register_prefix(self, segment: Segment) -> None:
         """Prefill a context turn once (a preset voice); prompts that start with this very

@@ -16,7 +16,6 @@ buffers on every call.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import sys
 import threading
@@ -30,6 +29,7 @@ import soxr
 import torch
 
 from .audio import resample_array
+from .side_stream import side_stream
 
 # CSM's published key: anyone can check for it, so a deployment should set a private one.
 CSM_PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
@@ -99,19 +99,16 @@ def parse_key(value: str | Sequence[int]) -> tuple[int, int, int, int, int]:
 class Watermarker:
     """SilentCipher's 44.1 kHz model, safe to share between threads of one process.
 
-    On a GPU its work goes to a CUDA stream of its own (`cuda_stream`). On the default stream,
-    which every thread shares, a marking call would queue behind the frame loop's graph
-    replays and its result would wait for them (about a block of frames), while the loop's
-    once-a-block sync would wait for the marking; calls take turns, so that wait would cap
-    how many streams a worker can keep marked. `cuda_stream` None: the caller's current stream
-    (the GPU suite's `worker` part measures a call both ways while the loop is busy).
+    On a GPU its work goes to a CUDA stream of its own (`cuda_stream`, csm.side_stream): on
+    the default stream a marking call would wait for the frame loop's queued graph replays
+    (about a block of frames), and calls take turns, so that wait would cap how many streams
+    a worker can keep marked. `cuda_stream` None: the caller's current stream (the GPU
+    suite's `worker` part measures a call both ways while the loop is busy).
     """
 
-    def __init__(self, model: Any, device: torch.device) -> None:  # a silentcipher Model
+    def __init__(self, model: Any, device: torch.device | str) -> None:  # silentcipher's Model
         self._model = model
-        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if self.cuda_stream is not None:
-            torch.cuda.synchronize(device)  # the weights are on the device before its use
+        self.cuda_stream = side_stream(device)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> Watermarker:
@@ -141,7 +138,7 @@ class Watermarker:
             for layer in network.modules():
                 if isinstance(layer, torch.nn.BatchNorm2d):
                     _normalise_with_clip_statistics(layer)
-        return cls(model, torch.device(device))
+        return cls(model, device)
 
     def embed(
         self, audio: torch.Tensor, sample_rate: int, key: str | Sequence[int]
@@ -166,18 +163,11 @@ class Watermarker:
 
     def encode_44k(self, samples: np.ndarray, message: list[int]) -> np.ndarray:
         """CSM's embedding call on 44.1 kHz samples (the key's symbols restart at the start)."""
-        with _SILENTCIPHER_LOCK, self._on_own_stream():
+        with _SILENTCIPHER_LOCK, torch.cuda.stream(self.cuda_stream):
             marked, _ = self._model.encode_wav(
                 samples, WATERMARK_SAMPLE_RATE, message, calc_sdr=False, message_sdr=36
             )
         return marked.astype(np.float32)
-
-    def _on_own_stream(self) -> contextlib.AbstractContextManager:
-        # silentcipher ends each call by copying its result to the host, which waits for
-        # this stream's work alone.
-        if self.cuda_stream is None:
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self.cuda_stream)
 
     def stream(self, sample_rate: int, key: str | Sequence[int]) -> "WatermarkStream":
         return WatermarkStream(self, sample_rate, list(parse_key(key)))
@@ -189,7 +179,7 @@ class Watermarker:
         if not samples.any():
             return False
         at_44k = resample_array(samples, sample_rate, WATERMARK_SAMPLE_RATE)
-        with _SILENTCIPHER_LOCK, self._on_own_stream():
+        with _SILENTCIPHER_LOCK, torch.cuda.stream(self.cuda_stream):
             result = self._model.decode_wav(
                 at_44k, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True
             )
