@@ -68,7 +68,7 @@ class MimiRows:
         for every row, a third of the rows paused at each frame as the scheduler pauses rows.
         Without CUDA both runs are eager (0.0). Every row is reset after; the bucket's graphs
         stay captured for serving."""
-        device = self.states[self.rows][0].exec_mask.device
+        device = next(self.streamer.parameters()).device
         generator = torch.Generator().manual_seed(0)
         codes = torch.randint(0, codebook_size, (frames, bucket, NUM_CODEBOOKS),
                               generator=generator).to(device)

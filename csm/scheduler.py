@@ -5,9 +5,9 @@ number of prompt positions for newcomers, then `CHECK_EVERY` frame steps over th
 `bucket` rows (attending over the key span that holds their positions) without looking at
 the results, then one device->host copy of the block to find end frames, feed Mimi (on the
 same bucket of rows, `MimiRows`) and hand audio to each job. Jobs join and leave at block
-boundaries; a finished job's slot is reused at once. A job may be several pieces (long text, dialogue turns): when one piece ends,
-`next_piece` gives the next prompt and the job re-prefills its own slot, keeping its Mimi
-state so the audio runs on without a seam.
+boundaries; a finished job's slot is reused at once. A job may be several pieces (long text,
+dialogue turns): when one piece ends, `next_piece` gives the next prompt and the job
+re-prefills its own slot, keeping its Mimi state so the audio runs on without a seam.
 
 Who owns what: the `Occupant` of a slot is its host-side state (the job, its current piece
 and how far it has got); `FrameStepper` owns the row's device buffers; `_occupy` and

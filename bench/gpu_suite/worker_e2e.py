@@ -4,9 +4,9 @@ As RunPod drives it (one asyncio loop, up to 8 jobs at once), on the mode's main
 time to the first streamed chunk with a preset voice; a whole and a streamed job, both
 watermarked; `verify_watermark` and its time; one stream's watermarking call and how many
 streams a worker can keep marked in real time, and the same call while 8 jobs run (on the
-watermarker's own CUDA stream and on the default one); 8 jobs at once; a streamed job whose caller
-hangs up after the first chunk (cancelled) and one whose consumer raises, while others run;
-8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
+watermarker's own CUDA stream and on the default one); 8 jobs at once; a streamed job whose
+caller hangs up after the first chunk (cancelled) and one whose consumer raises, while others
+run; 8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
 audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
 window and one a frame past it (refused, naming the field). The weights are random: the
 watermark detector's answer is timed, not judged.
