@@ -171,7 +171,7 @@ class Engine:
                  watermarker: Watermarker | None, max_batch: int = 1,
                  startup_ms: dict[str, float] | None = None, use_graphs: bool | None = None,
                  stall_timeout_s: float = STALL_TIMEOUT_S, key_block: int = KEY_BLOCK,
-                 compile_backend: str | Callable | None = None):
+                 compile_backend: str | Callable | None = None, decoder_int8: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
@@ -180,6 +180,8 @@ class Engine:
         start = time.perf_counter()
         model.backbone.fuse()
         model.decoder.fuse()
+        if decoder_int8:
+            model.decoder.quantize_int8()
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s,
                                    key_block, compile_backend)
         self.prefixes: list[tuple[Segment, Prefix]] = []
@@ -218,13 +220,16 @@ class Engine:
              dtype: torch.dtype | None = None, max_batch: int = 1,
              use_graphs: bool | None = None, stall_timeout_s: float = STALL_TIMEOUT_S,
              key_block: int = KEY_BLOCK,
-             compile_backend: str | Callable | None = None) -> "Engine":
+             compile_backend: str | Callable | None = None,
+             decoder_int8: bool = False) -> "Engine":
         """Weights in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
 
         `key_block`: attention reads the cache in spans of this many positions (see
         frame_step.py); the window's length gives the whole-window baseline benchmarks use.
         `compile_backend`: torch.compile's backend for the depth decoder ("inductor"), or None
-        not to compile it (see FrameStepper.compile).
+        not to compile it (see FrameStepper.compile). `decoder_int8`: the depth decoder's
+        projections in int8 (Transformer.quantize_int8), read 31 times a frame; it pays only
+        compiled.
         """
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
@@ -244,7 +249,8 @@ class Engine:
                             lambda: Watermarker.load(model_dir / "silentcipher", device))
         return cls(model, tokenizer, codec, watermarker, max_batch=max_batch,
                    startup_ms=startup, use_graphs=use_graphs, stall_timeout_s=stall_timeout_s,
-                   key_block=key_block, compile_backend=compile_backend)
+                   key_block=key_block, compile_backend=compile_backend,
+                   decoder_int8=decoder_int8)
 
     @property
     def max_positions(self) -> int:

@@ -101,6 +101,35 @@ class Linear(nn.Linear):
         pass
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear layer whose [out, in] weight is kept as int8 with one scale per
+    output row (symmetric, weight-only: inputs, outputs and the arithmetic stay in the
+    model's dtype). It computes what torchao's int8 weight-only layer computes on CUDA,
+    without a dependency whose compiled kernels are built per torch release.
+
+    Eagerly the int8-to-float conversion is a kernel of its own that writes the full-precision
+    weight back out, so the layer reads more bytes than the weight it replaces; only compiled
+    (where inductor folds the conversion and the scale into the matrix product's reduction,
+    at batch 1: see CSM.compile_decoder) does it read half of them.
+    """
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        values = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale.to(weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.values.to(x.dtype)) * self.scale
+
+
+def linear(x: Tensor, weight: Tensor | Int8Linear) -> Tensor:
+    """A fused projection (see Attention.fuse), in full precision or int8."""
+    return weight(x) if isinstance(weight, Int8Linear) else F.linear(x, weight)
+
+
 class Embedding(nn.Embedding):
     """nn.Embedding without its random init (see Linear)."""
 
@@ -128,18 +157,24 @@ class Attention(nn.Module):
         self.output_proj = Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
-        self.wqkv: Tensor | None = None  # see fuse()
+        self.wqkv: Tensor | Int8Linear | None = None  # see fuse()
 
     def fuse(self) -> None:
         """One matmul for q, k and v: the three weights become views of one tensor."""
         self.wqkv = _fuse(self.q_proj, self.k_proj, self.v_proj)
+
+    def quantize_int8(self) -> None:
+        """The fused and output projections in int8 (see Transformer.quantize_int8)."""
+        self.wqkv = Int8Linear(self.wqkv)
+        self.output_proj = Int8Linear(self.output_proj.weight)
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def _qkv(self, x: Tensor) -> Tensor:
         """The q, k and v heads side by side: [B, S, heads + 2 * kv_heads, head_size]."""
         if self.wqkv is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         else:
-            qkv = F.linear(x, self.wqkv)
+            qkv = linear(x, self.wqkv)
         return qkv.view(*x.shape[:2], -1, self.hd)
 
     def forward(self, x: Tensor, rope: Tensor, pos: Tensor | slice, mask: Tensor, rows: slice,
@@ -171,17 +206,22 @@ class FeedForward(nn.Module):
         self.w1 = Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=False)
         self.w3 = Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.w13: Tensor | None = None  # see fuse()
+        self.w13: Tensor | Int8Linear | None = None  # see fuse()
 
     def fuse(self) -> None:
         """One matmul for the gate and up projections (w1, w3)."""
         self.w13 = _fuse(self.w1, self.w3)
 
+    def quantize_int8(self) -> None:
+        self.w13 = Int8Linear(self.w13)
+        self.w2 = Int8Linear(self.w2.weight)
+        self.w1 = self.w3 = None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is None:
             gate, up = self.w1(x), self.w3(x)
         else:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -232,6 +272,16 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.fuse()
             layer.mlp.fuse()
+
+    def quantize_int8(self) -> None:
+        """Every layer's projections in int8 with a scale per output row (Int8Linear), the
+        full-precision weights let go: half the bytes each pass reads. Norms stay as they
+        are. Fuses first: the fused weight is quantized row by row, as its parts would be."""
+        if self.layers[0].attn.wqkv is None:
+            self.fuse()
+        for layer in self.layers:
+            layer.attn.quantize_int8()
+            layer.mlp.quantize_int8()
 
     def setup_cache(self, max_batch: int) -> None:
         """(Re)allocate the KV cache; contents are never read past a row's own positions."""

@@ -115,9 +115,22 @@ class CSM(nn.Module):
 
     def compile_decoder(self, backend: str | Callable) -> None:
         """Compile `decode_first` and `decode_next` with torch.compile's `backend`: nearly
-        every operation of a frame step, most of them small (see FrameStepper.compile)."""
-        self.decode_first = torch.compile(self.decode_first, backend=backend, fullgraph=True)
-        self.decode_next = torch.compile(self.decode_next, backend=backend, fullgraph=True)
+        every operation of a frame step, most of them small (see FrameStepper.compile).
+
+        On a GPU, inductor is asked for coordinate-descent tuning, as gpt-fast does: with it,
+        a matrix product of one row (batch 1) becomes a fused reduction instead of a cuBLAS
+        call, which is how gpt-fast's batch-1 products reach the memory bandwidth, and the
+        only way an int8 weight's conversion and scale (Int8Linear) are folded into the
+        product rather than run as kernels of their own. It tunes each kernel's launch
+        settings by timing them, so compiling takes longer.
+        """
+        options = None
+        if backend == "inductor" and self.codebook0_head.weight.device.type == "cuda":
+            options = {"coordinate_descent_tuning": True}
+        self.decode_first = torch.compile(self.decode_first, backend=backend, fullgraph=True,
+                                          options=options)
+        self.decode_next = torch.compile(self.decode_next, backend=backend, fullgraph=True,
+                                         options=options)
 
     def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState, rows: slice,
                    keys: int | None = None) -> tuple[Tensor, Tensor]:

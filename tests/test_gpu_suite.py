@@ -137,6 +137,22 @@ def test_report_has_the_header_the_parts_and_the_targets(cpu_run):
     assert f"torch {torch.__version__}" in md
 
 
+def test_the_int8_part_runs_in_cpu_mode_and_measures_both_decoders(tmp_path):
+    """Not in the default run (on a GPU it takes ~a minute of the eight): named, as a GPU
+    session runs it."""
+    run = suite(tmp_path, "--parts", "models,int8")
+    assert run.returncode == 0, run.stdout + run.stderr
+    part = json.loads((tmp_path / "report.json").read_text())["parts"]["int8"]
+    assert part["status"] == "passed" and len(part["checks"]) == 3, part
+    measured = part["measurements"]
+    effect = measured["decoder_logits_int8_vs_full"]
+    assert 0 < effect["relative_error_median"] < 0.05 and 0.9 < effect["top1_agreement"] < 1
+    for label in ("plain", "int8"):
+        assert positive(measured[label]["frames_per_s"]["median"])
+        assert positive(measured[f"{label}_4_jobs"]["aggregate_frames_per_s"])
+    assert positive(measured["int8_over_plain_frames_per_s"])
+
+
 def test_a_part_over_its_limit_is_stopped_and_reported_as_timed_out(tmp_path):
     start = time.monotonic()
     run = suite(tmp_path, "--parts", "models,mimi", "--limit", "models=0.5")

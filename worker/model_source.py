@@ -244,7 +244,8 @@ def load_engine(source: ModelSource, settings: Settings) -> Engine:
                            max_batch=settings.max_concurrency,
                            stall_timeout_s=settings.stall_timeout_s,
                            use_graphs=settings.cuda_graphs,
-                           compile_backend=compile_backend(settings))
+                           compile_backend=compile_backend(settings),
+                           decoder_int8=settings.decoder_int8)
     except (GraphCaptureError, CompileError) as e:
         raise StartupError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - any other failure means the folder can't serve

@@ -79,6 +79,8 @@ class Settings:
     cuda_graphs: bool | None = None
     # CSM_COMPILE: the depth decoder compiled by torch.compile (inductor) at start-up.
     compile: bool = False
+    # CSM_DECODER_INT8: the depth decoder's weights in int8 (csm.llama.Int8Linear).
+    decoder_int8: bool = False
     http: HttpSettings = HttpSettings()
 
 
@@ -138,6 +140,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         cuda_graphs=(None if env.get("CSM_CUDA_GRAPHS", "").strip().lower() in ("", "auto")
                      else _flag(env, "CSM_CUDA_GRAPHS", "1 or 0 (true or false), or auto")),
         compile=_flag(env, "CSM_COMPILE"),
+        decoder_int8=_flag(env, "CSM_DECODER_INT8"),
         http=_http_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
         watermark_key=key,

@@ -35,8 +35,9 @@ from torch import Tensor
 
 from csm.checkpoint import load_model
 from csm.engine import Engine, Generation, GenerationRequest
-from csm.prompt import Segment, build_prompt
+from csm.prompt import Segment
 from csm.testing.draw_margins import parting, record_margins
+from csm.testing.teacher_forced import backbone_states
 from csm.text_tokenizer import TextTokenizer
 
 from ..run import TEXT
@@ -257,16 +258,11 @@ def codebook0_logits(folder: Path, device: torch.device, dtype: torch.dtype, tex
     """The backbone's codebook-0 logits for each frame of `codes` [32, F], teacher-forced:
     the prompt, then the given frames as audio positions. Returns [F, vocabulary] float32."""
     ids = TextTokenizer(folder / "tokenizer.json").encode_turn(0, text)
-    tokens, mask = build_prompt([(ids, codes)], None)
     model = load_model(folder, device, dtype)
     model.setup_caches(1)
     with torch.inference_mode():
-        n = tokens.shape[0]
-        hidden = model.backbone(model.embed(tokens[None].to(device), mask[None].to(device)),
-                                torch.arange(n, device=device)[None], slice(0, 1))
-        frames = hidden[0, len(ids) - 1:len(ids) - 1 + codes.shape[1]]
-        logits = model.codebook0_head(frames).float().cpu()
-    del model, hidden
+        logits = model.codebook0_head(backbone_states(model, ids, codes)).float().cpu()
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return logits

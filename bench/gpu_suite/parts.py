@@ -65,10 +65,16 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "into key/value heads' rows, additive mask) over the whole 2048-position cache and "
          "over 512 (the first key span), the grouped-query call with a boolean mask it made "
          "before, and each with every SDPA backend forced (which kernels take them)"),
-    Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 420, "cpu": 600},
+    Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 500, "cpu": 900},
          "CSM_COMPILE=1: batch 1 and 8 jobs with the depth decoder compiled by inductor at "
-         "start-up and replayed inside our CUDA graphs, against the engine as it is, same run "
-         "(compiling takes minutes: --parts models,compiled)", in_default_run=False),
+         "start-up and replayed inside our CUDA graphs, in full precision and in int8 "
+         "(CSM_DECODER_INT8=1), against the engine as it is, same run (compiling takes "
+         "minutes: --parts models,compiled)", in_default_run=False),
+    Part("int8", "bench.gpu_suite.int8:run", {"gpu": 90, "cpu": 60},
+         "CSM_DECODER_INT8=1: the depth decoder's teacher-forced logits with int8 weights "
+         "against full precision, the first differing frame, and batch-1 and 8-job speed "
+         "not compiled, against the engine as it is (--parts models,int8)",
+         in_default_run=False),
     Part("transformers", "bench.gpu_suite.speed:transformers", {"gpu": 60, "cpu": 75},
          "transformers' CsmForConditionalGeneration on the same weights (static cache, "
          "not compiled)"),
