@@ -75,12 +75,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="the most frequent operations")
+    parser.add_argument("--int8", action="store_true",
+                        help="the depth decoder in int8, as CSM_DECODER_INT8=1 runs it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny(Path(tmp), cfg=SHAPES[args.shapes])
         model = load_model(folder, "cpu", getattr(torch, args.dtype))
     model.backbone.fuse()  # as the engine runs it
     model.decoder.fuse()
+    if args.int8:
+        model.decoder.quantize_int8()
     step, decoder = count_frame_step(model, args.batch)
     print(f"{args.shapes} shapes, {args.dtype}, batch {args.batch}: {step.total} operations "
           f"per frame step, {decoder.total} of them the depth decoder and sampling")

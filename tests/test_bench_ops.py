@@ -23,3 +23,16 @@ def test_the_counter_sees_what_fusing_saves_and_leaves_views_out(tiny_model_dir)
     assert not {"aten.view", "aten.transpose", "aten.slice", "aten.expand"} & set(step.ops)
     assert fused_decoder.total < fused_step.total
     assert fused_decoder.ops["aten.topk"] == fused_step.ops["aten.topk"] == cfg.num_codebooks
+
+
+def test_an_int8_decoder_adds_a_conversion_and_a_scale_per_projection_eagerly(tiny_model_dir):
+    """What `bench.ops --int8` shows: why CSM_DECODER_INT8 is meant to run compiled."""
+    full, int8 = (load_model(tiny_model_dir) for _ in range(2))
+    for model in (full, int8):
+        model.decoder.fuse()
+    int8.decoder.quantize_int8()
+    (_, full_decoder), (_, int8_decoder) = (count_frame_step(m, 2) for m in (full, int8))
+    cfg = int8.cfg
+    projections = 4 * (cfg.num_codebooks - 1) * cfg.decoder.num_layers  # qkv, out, w13, w2
+    assert int8_decoder.total - full_decoder.total == 2 * projections
+    assert int8_decoder.ops["aten.linear"] == full_decoder.ops["aten.linear"]
