@@ -20,6 +20,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fresh_compiler():
+    """Dynamo remembers, per function, which dimensions changed in earlier compiles and
+    compiles those symbolic at once: a test that counts a new engine's compiled versions
+    starts from a process that has compiled nothing."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The original-format tiny folder, shared read-only by every test that needs one."""

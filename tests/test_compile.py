@@ -27,7 +27,7 @@ def requests() -> list[GenerationRequest]:
 
 
 def test_a_compiled_engine_compiles_five_small_versions_at_start_up_and_draws_the_same_codes(
-        tiny_model_dir):
+        tiny_model_dir, fresh_compiler):
     with Engine.load(tiny_model_dir, device="cpu", max_batch=4) as plain:
         expected = [plain.generate(r).codes for r in requests()]
     graphs = []

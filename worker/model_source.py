@@ -239,6 +239,8 @@ def load_engine(source: ModelSource, settings: Settings) -> Engine:
     if settings.cuda_graphs is False:
         # moshi's own switch for Mimi's graphs, read at each call: off for this process.
         os.environ["NO_CUDA_GRAPH"] = "1"
+    if settings.decoder_int8:
+        log.info("the depth decoder's weights in int8 (CSM_DECODER_INT8=1)")
     try:
         return Engine.load(source.folder, device=settings.device,
                            max_batch=settings.max_concurrency,
