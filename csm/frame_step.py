@@ -7,9 +7,9 @@ frame: the ~2,700 kernel launches of a csm-1b frame become one. Before the first
 of each bucket is checked against the same steps run eagerly (`check_replay`). On the CPU the
 same function runs eagerly.
 
-Optionally the depth decoder and sampling (`CSM.decode_codes`, ~95% of a step's operations,
-most of them small) are compiled by torch.compile at start-up, so that a replay runs fewer,
-fused kernels.
+Optionally the step is compiled by torch.compile at start-up (the depth decoder and sampling,
+`CSM.decode_codes`, ~90% of its operations, most of them small, and the backbone's pass over
+the frame drawn), so that a replay runs fewer, fused kernels.
 
 A key span is how many cache positions the backbone's attention reads: the smallest multiple
 of `key_block` that holds every live row's position, not the whole window. At csm-1b shapes
@@ -152,26 +152,28 @@ class FrameStepper:
         return self.codes[:n]
 
     def compile(self, backend: str | Callable) -> None:
-        """Compile the depth decoder (`CSM.compile_decoder`) with torch.compile's `backend`
-        ("inductor" in production), and run a first step of every bucket here: no job waits
-        minutes for a compile, a failure is a start-up error of its own, and graphs then
-        capture the compiled kernels.
+        """Compile the frame step (`CSM.compile_frame_step`) with torch.compile's `backend`
+        ("inductor" in production), and run a first step of every bucket over every key span
+        here: no job waits minutes for a compile, a failure is a start-up error of its own,
+        and graphs then capture the compiled kernels.
 
-        A few small versions, whatever the number of buckets: the first two codebooks are one
-        function and codebooks 2..31 another, each compiled static for batch 1 and then, as
-        the batch size (and the codebook index) change, once with them symbolic: five at
-        most. Compiling the frame's 31 decoder passes unrolled traced the pass 31 times per
-        version: 142 s of start-up cold instead of 38 s, at batch 1 on a 2-core CPU
-        (BENCHMARKS.md).
+        A few small versions, whatever the numbers of buckets and spans: the depth decoder's
+        first two codebooks are one function and codebooks 2..31 another, each compiled static
+        for batch 1 and then, as the batch size (and the codebook index) change, once with them
+        symbolic: five at most; the backbone's pass over the frame (`feed_frame`) static, then
+        with the key span symbolic, then the batch size too: three. Compiling the frame's 31
+        decoder passes unrolled traced the pass 31 times per version: 142 s of start-up cold
+        instead of 38 s, at batch 1 on a 2-core CPU (BENCHMARKS.md).
         """
         start = time.perf_counter()
         try:
-            self.model.compile_decoder(backend)
+            self.model.compile_frame_step(backend)
             with torch.inference_mode():
                 for n in self.buckets:
-                    self._step(n, self.spans[0])
+                    for keys in self.spans:
+                        self._step(n, keys)
         except Exception as e:
-            raise CompileError(f"compiling the depth decoder failed ({type(e).__name__}: {e}); "
+            raise CompileError(f"compiling the frame step failed ({type(e).__name__}: {e}); "
                                "CSM_COMPILE=0 serves without it") from e
         self.h.zero_()
         self.compile_ms = 1000 * (time.perf_counter() - start)

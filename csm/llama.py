@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
     Eagerly the int8-to-float conversion is a kernel of its own that writes the full-precision
     weight back out, so the layer reads more bytes than the weight it replaces; only compiled
     (where inductor folds the conversion and the scale into the matrix product's reduction,
-    at batch 1: see CSM.compile_decoder) does it read half of them.
+    at batch 1: see CSM.compile_frame_step) does it read half of them.
     """
 
     def __init__(self, weight: Tensor):
@@ -157,6 +157,7 @@ class Attention(nn.Module):
         self.output_proj = Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
+        self.cache_index: tuple[Tensor, Tensor] | None = None  # see Transformer.setup_cache
         self.wqkv: Tensor | Int8Linear | None = None  # see fuse()
 
     def fuse(self) -> None:
@@ -179,7 +180,6 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, pos: Tensor | slice, mask: Tensor, rows: slice,
                 keys: int) -> Tensor:
-        b, s, _ = x.shape
         qkv = self._qkv(x)
         # q and k rotated in one go: half the RoPE kernels of rotating each (the depth decoder
         # runs 124 layers per frame).
@@ -194,9 +194,13 @@ class Attention(nn.Module):
             k_cache[:, :, pos].copy_(k)
             v_cache[:, :, pos].copy_(v)
         else:
-            index = pos[:, None, :, None].expand(b, self.n_kv, s, self.hd)
-            k_cache.scatter_(2, index, k)
-            v_cache.scatter_(2, index, v)
+            # Indexed into the whole cache, not scattered into the view of its rows: compiled
+            # (CSM.compile_frame_step), a write into a view copies the rows' whole cache out
+            # and back around it; this one inductor writes in place.
+            row_index, head_index = self.cache_index
+            at = (row_index[rows], head_index, pos[:, None, :])
+            self.k_cache.index_put_(at, k)
+            self.v_cache.index_put_(at, v)
         return self.output_proj(attend(q, k_cache[:, :, :keys], v_cache[:, :, :keys], mask))
 
 
@@ -287,9 +291,14 @@ class Transformer(nn.Module):
         """(Re)allocate the KV cache; contents are never read past a row's own positions."""
         p = self.norm.scale
         shape = (max_batch, self.cfg.num_kv_heads, self.cfg.max_seq_len, self.cfg.head_size)
+        # Each position's (row, kv head) coordinates, broadcast against a [B, S] position
+        # index when keys and values are written (Attention.forward).
+        index = (torch.arange(max_batch, device=p.device)[:, None, None],
+                 torch.arange(self.cfg.num_kv_heads, device=p.device)[None, :, None])
         for layer in self.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
             layer.attn.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            layer.attn.cache_index = index
 
     def read_cache(self, row: int, length: int) -> list[tuple[Tensor, Tensor]]:
         """A copy of one row's keys and values for positions [0, length)."""

@@ -113,9 +113,11 @@ class CSM(nn.Module):
         logits = torch.mm(out, self.audio_head[i - 1])
         return sample_topk(logits, temperature, kth, gumbel)
 
-    def compile_decoder(self, backend: str | Callable) -> None:
-        """Compile `decode_first` and `decode_next` with torch.compile's `backend`: nearly
-        every operation of a frame step, most of them small (see FrameStepper.compile).
+    def compile_frame_step(self, backend: str | Callable) -> None:
+        """Compile the frame step's three parts with torch.compile's `backend` (see
+        FrameStepper.compile): the depth decoder's `decode_first` and `decode_next`, nearly
+        every operation of a step, most of them small, and `feed_frame`, the backbone's pass
+        over the frame drawn. Prompts are prefilled eagerly, at lengths of their own.
 
         On a GPU, inductor is asked for coordinate-descent tuning, as gpt-fast does: with it,
         a matrix product of one row (batch 1) becomes a fused reduction instead of a cuBLAS
@@ -127,10 +129,9 @@ class CSM(nn.Module):
         options = None
         if backend == "inductor" and self.codebook0_head.weight.device.type == "cuda":
             options = {"coordinate_descent_tuning": True}
-        self.decode_first = torch.compile(self.decode_first, backend=backend, fullgraph=True,
-                                          options=options)
-        self.decode_next = torch.compile(self.decode_next, backend=backend, fullgraph=True,
-                                         options=options)
+        for name in ("decode_first", "decode_next", "feed_frame"):
+            setattr(self, name, torch.compile(getattr(self, name), backend=backend,
+                                              fullgraph=True, options=options))
 
     def frame_step(self, h: Tensor, pos: Tensor, sampling: SamplingState, rows: slice,
                    keys: int | None = None) -> tuple[Tensor, Tensor]:
@@ -141,8 +142,12 @@ class CSM(nn.Module):
         data-dependent control flow: this is the unit that gets compiled and graph-captured.
         """
         codes = self.decode_codes(h, sampling, rows)
+        return codes, self.feed_frame(codes, pos, rows, keys)
+
+    def feed_frame(self, codes: Tensor, pos: Tensor, rows: slice,
+                   keys: int | None = None) -> Tensor:
+        """The backbone over one frame's codes [B, 32] at `pos` ([B]): the next hidden."""
         tokens = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1).unsqueeze(1)
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., -1] = False
-        h_next = self.prefill(tokens, mask, pos.unsqueeze(1), rows, keys)
-        return codes, h_next
+        return self.prefill(tokens, mask, pos.unsqueeze(1), rows, keys)

@@ -26,7 +26,7 @@ def requests() -> list[GenerationRequest]:
             for s in range(3)]
 
 
-def test_a_compiled_engine_compiles_five_small_versions_at_start_up_and_draws_the_same_codes(
+def test_a_compiled_engine_compiles_eight_small_versions_at_start_up_and_draws_the_same_codes(
         tiny_model_dir, fresh_compiler):
     with Engine.load(tiny_model_dir, device="cpu", max_batch=4) as plain:
         expected = [plain.generate(r).codes for r in requests()]
@@ -37,9 +37,11 @@ def test_a_compiled_engine_compiles_five_small_versions_at_start_up_and_draws_th
         return graph.forward
 
     with Engine.load(tiny_model_dir, device="cpu", max_batch=4, compile_backend=backend) as engine:
-        # Buckets 1, 2 and 4, codebooks 2..31: decode_first twice (batch 1, then any batch),
-        # decode_next three times (batch 1 and codebook 2, then any codebook, then any batch).
-        assert len(graphs) == 5
+        # Buckets 1, 2 and 4, codebooks 2..31, key spans 512..2048: decode_first twice (batch
+        # 1, then any batch), decode_next three times (batch 1 and codebook 2, then any
+        # codebook, then any batch), feed_frame three times (batch 1 and span 512, then any
+        # span, then any batch).
+        assert len(graphs) == 8
         assert engine.startup_ms["compile"] > 0
         # Any compile after start-up (a bucket not compiled there) now raises in the job.
         torch.compiler.set_stance("fail_on_recompile")
@@ -52,6 +54,24 @@ def test_a_compiled_engine_compiles_five_small_versions_at_start_up_and_draws_th
     assert torch.equal(alone, expected[0])
     for got, want in zip(together, expected):
         assert torch.equal(got, want)
+
+
+def test_every_bucket_is_compiled_over_every_key_span_at_start_up(tiny_model_dir,
+                                                                  fresh_compiler):
+    """A job whose rows pass 512 positions steps over a longer span: compiled at start-up too,
+    or its first step there would compile (minutes on a GPU, inside a job)."""
+    model = load_model(tiny_model_dir)
+    model.setup_caches(4)
+    stepper = FrameStepper(model, 4, use_graphs=False, compile_backend="eager")
+    assert len(stepper.spans) == 4
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        with torch.inference_mode():
+            for n in stepper.buckets:
+                for keys in stepper.spans:
+                    stepper.step(n, keys)
+    finally:
+        torch.compiler.set_stance("default")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,7 +91,7 @@ def test_compiled_rope_written_out_is_the_complex_product(dtype):
 def test_a_failed_compile_says_how_to_serve_without_it(tiny_model_dir):
     model = load_model(tiny_model_dir)
     model.setup_caches(1)
-    with pytest.raises(CompileError, match=r"compiling the depth decoder failed \(.*\); "
+    with pytest.raises(CompileError, match=r"compiling the frame step failed \(.*\); "
                                            r"CSM_COMPILE=0 serves without it$"):
         FrameStepper(model, 1, use_graphs=False, compile_backend="no-such-backend")
 

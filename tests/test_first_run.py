@@ -130,7 +130,7 @@ def test_a_failed_compile_ends_start_up_in_one_line_that_names_the_switch(
                         lambda settings: chosen.append(settings.compile) or "no-such-backend")
     message = start_up_error(tiny_model_dir, monkeypatch, caplog, CSM_COMPILE="1")
     assert chosen == [True]
-    assert message.startswith("the worker cannot start: compiling the depth decoder failed (")
+    assert message.startswith("the worker cannot start: compiling the frame step failed (")
     assert message.endswith("CSM_COMPILE=0 serves without it")
     assert "could not be loaded" not in message and "fetch_weights" not in message
 

@@ -229,7 +229,7 @@ def compile_backend(settings: Settings,
         return None
     if "TORCHINDUCTOR_CACHE_DIR" not in environ and settings.volume_dir.is_dir():
         environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.volume_dir / "torchinductor")
-    log.info("compiling the depth decoder, caching in %s",
+    log.info("compiling the frame step, caching in %s",
              environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp (lost with this worker)"))
     return "inductor"
 

@@ -1,15 +1,16 @@
 """Part `compiled` (named with --parts, not in the default run): `CSM_COMPILE=1` against the
 engine as it is.
 
-The depth decoder's 31 passes per frame hold almost every operation of a frame step (1471 of
-1517 in bf16 at tiny shapes: BENCHMARKS.md), most of them small: at batch 1 on a GPU their
-launches and latencies, more than the bytes they read, may bound a frame even when replayed
-from a CUDA graph. Inductor fuses the elementwise ones into fewer kernels.
+The depth decoder's 31 passes per frame hold most operations of a frame step (2467 of 2737
+in bf16 at csm-1b shapes, the backbone's pass over the frame the rest: BENCHMARKS.md), most of
+them small: at batch 1 on a GPU their launches and latencies, more than the bytes they read,
+may bound a frame even when replayed from a CUDA graph. Inductor fuses the elementwise ones
+into fewer kernels.
 
 Batch 1 and 8 jobs at once (4 in the CPU mode) at the main shapes in the speed dtype, graphs
 as deployed, three engines loaded from the same folder in one run: as it is, as
-`CSM_COMPILE=1` loads it, with the depth decoder compiled by inductor (`CSM.compile_decoder`)
-at start-up, before the frame step is captured, so that its kernels are replayed inside our
+`CSM_COMPILE=1` loads it, with the frame step (depth decoder and the backbone's pass over the
+frame) compiled by inductor (`CSM.compile_frame_step`) at start-up, before the frame step is captured, so that its kernels are replayed inside our
 graphs, and as `CSM_COMPILE=1 CSM_DECODER_INT8=1` loads it, compiled with int8 weights
 (where the int8 lead can pay: see the `int8` part). Measured: frames/s and real-time factor of each at batch 1, their aggregate frames/s
 with the jobs at once (where the compiled engine runs its version with a symbolic batch
