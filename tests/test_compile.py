@@ -1,7 +1,8 @@
-"""CSM_COMPILE: the depth decoder compiled by torch.compile at start-up.
+"""CSM_COMPILE: the frame step (depth decoder, sampling, the backbone's pass over the frame)
+compiled by torch.compile at start-up.
 
 The engine test compiles with a backend that runs dynamo's graphs as they are (what its
-"eager" backend does) and counts them: dynamo traces the real depth decoder exactly as for
+"eager" backend does) and counts them: dynamo traces the real frame step exactly as for
 inductor (fullgraph=True fails on any graph break) and the product wiring runs unchanged,
 without the minutes inductor spends generating CPU kernels. Inductor itself runs in the GPU
 suite's `compiled` part.

@@ -77,7 +77,8 @@ class Settings:
     # CSM_CUDA_GRAPHS: None (auto: on CUDA), True (required: start-up fails without them) or
     # False (off: the frame step and Mimi run eagerly, an escape hatch if capture fails).
     cuda_graphs: bool | None = None
-    # CSM_COMPILE: the depth decoder compiled by torch.compile (inductor) at start-up.
+    # CSM_COMPILE: the frame step (depth decoder, sampling, the backbone's pass over the frame)
+    # compiled by torch.compile (inductor) at start-up.
     compile: bool = False
     # CSM_DECODER_INT8: the depth decoder's weights in int8 (csm.llama.Int8Linear).
     decoder_int8: bool = False

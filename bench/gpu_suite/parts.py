@@ -66,8 +66,8 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "over 512 (the first key span), the grouped-query call with a boolean mask it made "
          "before, and each with every SDPA backend forced (which kernels take them)"),
     Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 500, "cpu": 900},
-         "CSM_COMPILE=1: batch 1 and 8 jobs with the depth decoder compiled by inductor at "
-         "start-up and replayed inside our CUDA graphs, in full precision and in int8 "
+         "CSM_COMPILE=1: batch 1 and 8 jobs with the frame step (depth decoder, sampling, the "
+         "backbone's pass) compiled by inductor at start-up and replayed inside our CUDA graphs, in full precision and in int8 "
          "(CSM_DECODER_INT8=1), against the engine as it is, same run (compiling takes "
          "minutes: --parts models,compiled)", in_default_run=False),
     Part("int8", "bench.gpu_suite.int8:run", {"gpu": 90, "cpu": 60},
