@@ -67,9 +67,10 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "before, and each with every SDPA backend forced (which kernels take them)"),
     Part("compiled", "bench.gpu_suite.compiled:run", {"gpu": 500, "cpu": 900},
          "CSM_COMPILE=1: batch 1 and 8 jobs with the frame step (depth decoder, sampling, the "
-         "backbone's pass) compiled by inductor at start-up and replayed inside our CUDA graphs, in full precision and in int8 "
-         "(CSM_DECODER_INT8=1), against the engine as it is, same run (compiling takes "
-         "minutes: --parts models,compiled)", in_default_run=False),
+         "backbone's pass) compiled by inductor at start-up and replayed inside our CUDA "
+         "graphs, in full precision and in int8 (CSM_DECODER_INT8=1), against the engine as "
+         "it is, same run (compiling takes minutes: --parts models,compiled)",
+         in_default_run=False),
     Part("int8", "bench.gpu_suite.int8:run", {"gpu": 90, "cpu": 60},
          "CSM_DECODER_INT8=1: the depth decoder's teacher-forced logits with int8 weights "
          "against full precision, the first differing frame, and batch-1 and 8-job speed "
