@@ -66,7 +66,7 @@ def test_cpu_mode_runs_every_part_and_each_passes_its_checks(cpu_run):
         assert all(check["ok"] for check in part["checks"]), part["checks"]
         assert positive(part["peak_memory_mb"])
     checks = {name: len(part["checks"]) for name, part in report["parts"].items()}
-    assert checks == {"models": 0, "graphs_eager": 8, "mimi": 3, "chaos": 2, "worker": 13,
+    assert checks == {"models": 0, "graphs_eager": 8, "mimi": 3, "chaos": 2, "worker": 14,
                       "speed": 1, "attention": 3, "transformers": 1}, checks
 
 

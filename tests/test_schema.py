@@ -313,11 +313,11 @@ def test_settings_from_env():
                        "CSM_DEVICE": "cpu", "CSM_MAX_TEXT_CHARS": "10",
                        "CSM_MAX_CONTEXT_TURNS": "1", "CSM_MAX_CONTEXT_SECONDS": "2.5",
                        "CSM_MAX_REFERENCE_BYTES": "1234", "CSM_MAX_AUDIO_LENGTH_MS": "800",
-                       "CSM_MAX_TURNS": "4"})
+                       "CSM_MAX_TURNS": "4", "CSM_MAX_VERIFY_SECONDS": "3.5"})
     assert str(s.model_dir) == "/m" and s.device == "cpu"
     assert s.watermark_key == (1, 2, 3, 4, 255) and s.watermark_key_is_public is False
     assert (s.log_level, s.max_concurrency) == ("DEBUG", 3)
-    assert s.limits == Limits(10, 1, 2.5, 1234, 800, 4)
+    assert s.limits == Limits(10, 1, 2.5, 1234, 800, 4, 3.5)
 
 
 def test_model_source_settings_from_env():
@@ -369,16 +369,14 @@ def test_bad_integer_limits_name_the_variable(var, value, needle):
     assert repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize("var", ["CSM_MAX_CONTEXT_SECONDS", "CSM_MAX_VERIFY_SECONDS"])
 @pytest.mark.parametrize("value,needle", [("abc", "must be a float"), ("0", "positive"),
-                                          ("-0.5", "positive")])
-def test_bad_context_seconds_names_the_variable(value, needle):
+                                          ("-0.5", "positive"), ("nan", "finite"),
+                                          ("inf", "finite")])
+def test_bad_seconds_limits_name_the_variable(var, value, needle):
     with pytest.raises(SettingsError) as info:
-        load_settings({"CSM_MAX_CONTEXT_SECONDS": value})
-    assert "CSM_MAX_CONTEXT_SECONDS" in str(info.value) and needle in str(info.value)
-
-def test_nan_context_seconds_is_refused():
-    with pytest.raises(SettingsError):
-        load_settings({"CSM_MAX_CONTEXT_SECONDS": "nan"})
+        load_settings({var: value})
+    assert var in str(info.value) and needle in str(info.value)
 
 
 

@@ -57,15 +57,32 @@ def decode_base64(field: str, data: str, max_bytes: int) -> bytes:
         raise AudioInputError(f"{field}: not valid base64") from None
 
 
+_READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError)
+
+
+def _unreadable(field: str, error: Exception) -> AudioInputError:
+    # libsndfile's messages name the in-memory file by its Python repr: not for callers.
+    detail = getattr(error, "error_string", None) or _OBJECT_REPR.sub("the audio", str(error))
+    return AudioInputError(f"{field}: not a readable audio file ({READABLE_FORMATS} "
+                           f"expected): {detail}")
+
+
+def audio_seconds(field: str, raw: bytes) -> float:
+    """The length in seconds that the file's header gives, without decoding it: a length limit
+    is checked before a long file is decoded (a few MB of Opus hold hours). libsndfile reads
+    no more frames than the header gives, so the decoded audio is never longer."""
+    try:
+        return sf.info(io.BytesIO(raw)).duration
+    except _READ_ERRORS as e:
+        raise _unreadable(field, e) from None
+
+
 def read_audio(field: str, raw: bytes) -> tuple[Tensor, int]:
     """Any libsndfile-readable file -> (1-D float32 mono, sample rate)."""
     try:
         data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        # libsndfile's messages name the in-memory file by its Python repr: not for callers.
-        detail = getattr(e, "error_string", None) or _OBJECT_REPR.sub("the audio", str(e))
-        raise AudioInputError(f"{field}: not a readable audio file ({READABLE_FORMATS} "
-                              f"expected): {detail}") from None
+    except _READ_ERRORS as e:
+        raise _unreadable(field, e) from None
     if data.shape[0] == 0:
         raise AudioInputError(f"{field}: the audio is empty")
     if data.shape[0] < MIN_REFERENCE_SECONDS * rate:

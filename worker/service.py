@@ -29,7 +29,8 @@ from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, Genera
 from csm.prompt import Segment
 from csm.text_split import split_text
 
-from .audio_io import AudioInputError, decode_base64, encode_audio, read_audio
+from .audio_io import (AudioInputError, audio_seconds, decode_base64, encode_audio,
+                       read_audio)
 from .chunk import Chunk
 from .model_source import find_model, load_engine
 from .responses import chunk_item, whole_response
@@ -136,8 +137,16 @@ class Worker:
             raise
 
     def verify(self, request: VerifyRequest) -> dict[str, Any]:
-        raw = decode_base64("audio_base64", request.audio_base64,
-                            self.settings.limits.max_reference_bytes)
+        limits = self.settings.limits
+        raw = decode_base64("audio_base64", request.audio_base64, limits.max_reference_bytes)
+        # SilentCipher's phase-shift search decodes the whole clip 205 times (~23 TFLOP per
+        # second of audio) while holding the lock every stream's watermarking needs.
+        seconds = audio_seconds("audio_base64", raw)
+        if seconds > limits.max_verify_seconds:
+            raise AudioInputError(
+                f"audio_base64: {seconds:.1f} s of audio; verify_watermark reads at most "
+                f"{limits.max_verify_seconds:g} s (CSM_MAX_VERIFY_SECONDS): send an excerpt "
+                "(the mark repeats about every second)")
         audio, rate = read_audio("audio_base64", raw)
         found = self.watermarking.verify(audio, rate, request.watermark_key)
         return {"task": "verify_watermark", "watermarked": bool(found)}
@@ -212,12 +221,12 @@ class Worker:
             field = f"context[{i}].audio_base64"
             raw = decode_base64(field, turn.audio_base64, budget_bytes)
             budget_bytes -= len(raw)
-            audio, rate = read_audio(field, raw)
-            seconds += audio.shape[0] / rate
+            seconds += audio_seconds(field, raw)
             if seconds > limits.max_context_seconds:
                 raise AudioInputError(
                     f"{field}: context audio adds up to {seconds:.1f} s; the limit is "
                     f"{limits.max_context_seconds:g} s (CSM_MAX_CONTEXT_SECONDS)")
+            audio, rate = read_audio(field, raw)
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
         return tuple(segments)
 

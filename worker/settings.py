@@ -37,6 +37,7 @@ class Limits:
     max_reference_bytes: int = 8 * 1024 * 1024  # decoded audio of all context turns
     max_audio_length_ms: int = 90_000
     max_turns: int = 32
+    max_verify_seconds: float = 10.0  # of the audio verify_watermark reads
 
 
 @dataclass(frozen=True)

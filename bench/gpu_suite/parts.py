@@ -51,7 +51,8 @@ PARTS: dict[str, Part] = {part.name: part for part in (
          "part from them only at a tie within rounding)"),
     Part("worker", "bench.gpu_suite.worker_e2e:run", {"gpu": 70, "cpu": 150},
          "the worker end to end: whole and streamed jobs, 8 at once, a cancelled job, a "
-         "raising consumer, the window edge, watermarking, verify_watermark timing"),
+         "raising consumer, the window edge, watermarking, verify_watermark timing (at "
+         "CSM_MAX_VERIFY_SECONDS too)"),
     Part("speed", "bench.gpu_suite.speed:ours", {"gpu": 95, "cpu": 60},
          "our engine: batch-1 frames/s and real-time factor, time to first audio, "
          "concurrency sweep, peak memory, start-up breakdown"),

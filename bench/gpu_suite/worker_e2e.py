@@ -8,8 +8,9 @@ watermarker's own CUDA stream and on the default one); 8 jobs at once; a streame
 caller hangs up after the first chunk (cancelled) and one whose consumer raises, while others
 run; 8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
 audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
-window and one a frame past it (refused, naming the field). The weights are random: the
-watermark detector's answer is timed, not judged.
+window and one a frame past it (refused, naming the field); last, a clip over
+`CSM_MAX_VERIFY_SECONDS` refused and, on a GPU, a verify at it timed. The weights are random:
+the watermark detector's answer is timed, not judged.
 """
 
 from __future__ import annotations
@@ -45,6 +46,33 @@ EDGE_POSITIONS = 2015
 EDGE_MAX_CONTEXT_S = 170
 FORMATS = [("wav", False), ("flac", False), ("ogg", False), ("pcm", False),
            ("pcm", True), ("wav", True), ("ogg", True), ("opus", True)]
+
+
+async def verify_at_the_limit(ctx: Context, worker: Worker, wav: bytes) -> None:
+    """A clip a frame over CSM_MAX_VERIFY_SECONDS is refused; on a GPU, one at the limit is
+    timed: the longest a verify holds SilentCipher (and every stream's watermarking) back."""
+    limit = worker.settings.limits.max_verify_seconds
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
+
+    def clip(seconds: float) -> str:
+        out = io.BytesIO()
+        sf.write(out, np.resize(audio, round(seconds * rate)), rate, format="WAV")
+        return base64.b64encode(out.getvalue()).decode()
+
+    over = (await collect(worker, {"task": "verify_watermark",
+                                   "audio_base64": clip(limit + 0.08)}))[-1]
+    ctx.check("a clip over CSM_MAX_VERIFY_SECONDS is refused, naming it",
+              "CSM_MAX_VERIFY_SECONDS" in over.get("error", ""), over)
+    if ctx.device.type != "cuda":  # minutes per second of audio on a CPU
+        return
+    ctx.step("verify_watermark at CSM_MAX_VERIFY_SECONDS")
+    start = time.perf_counter()
+    verdict = (await collect(worker, {"task": "verify_watermark",
+                                      "audio_base64": clip(limit)}))[-1]
+    ms = 1000 * (time.perf_counter() - start)
+    ctx.record(verify_at_limit={"ms": ms, "audio_s": limit, "ms_per_audio_s": ms / limit})
+    ctx.check("verify_watermark at CSM_MAX_VERIFY_SECONDS answers true or false",
+              isinstance(verdict.get("watermarked"), bool), verdict)
 
 
 async def collect(worker: Worker, payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,6 +268,8 @@ async def scenario(ctx: Context, worker: Worker) -> None:
     ctx.step("a last job")
     last = await collect(worker, job(ctx, 2))
     ctx.check("the worker still answers", complete(ctx, last, False), last[-1].get("error"))
+    # Last: if a verify this long overran the part's limit, nothing else is lost.
+    await verify_at_the_limit(ctx, worker, base64.b64decode(whole[-1]["audio_base64"]))
 
 
 def run(ctx: Context) -> None:
