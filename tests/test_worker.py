@@ -353,7 +353,7 @@ def test_watermark_fields_are_refused_unless_the_operator_allows_them(worker, lo
 # Clips stay under 0.84 s here: on longer ones SilentCipher's phase-shift search runs its
 # decoder 205 times over the whole clip, minutes per second of audio on this CPU.
 def test_verify_reads_at_most_its_limit_of_audio(worker, loop):
-    # 11 s of WAV at 8 kHz is 176 kB, well inside CSM_MAX_REFERENCE_BYTES: the length decides
+    # 10.5 s of WAV at 8 kHz is 168 kB, well inside CSM_MAX_REFERENCE_BYTES: the length decides
     for clip in (audio_b64(10.5, 8_000), audio_b64(12, 44_100, 2, "OGG")):
         refused(worker, loop, {"task": "verify_watermark", "audio_base64": clip},
                 "audio_base64:", "s of audio", "at most 10 s", "CSM_MAX_VERIFY_SECONDS")

@@ -34,7 +34,7 @@ class Limits:
     max_text_chars: int = 5000
     max_context_turns: int = 8
     max_context_seconds: float = 120.0
-    max_reference_bytes: int = 8 * 1024 * 1024  # decoded audio of all context turns
+    max_reference_bytes: int = 8 * 1024 * 1024  # all context turns, or the clip to verify
     max_audio_length_ms: int = 90_000
     max_turns: int = 32
     max_verify_seconds: float = 10.0  # of the audio verify_watermark reads
