@@ -14,9 +14,11 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-dev.tx
 
 setup: $(VENV)/.installed
 
-# The venv's bin first on PATH, as if activated: tests call its tools (hadolint).
+# The venv's bin first on PATH, as if activated: tests call its tools (hadolint). One pytest
+# process per core, each given whole files, so that a file's module fixtures (a server, the
+# GPU suite's CPU run) are built once.
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile
 
 # Runs the worker once on test_input.json against $(MODEL_DIR) (real weights: `make weights`).
 run: setup

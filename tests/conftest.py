@@ -12,8 +12,9 @@ from csm.testing import make_tiny
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """The loop thread and the test thread share 2 cores: one intra-op thread each avoids
-    oversubscription, which slows small kernels by 10x here."""
+    """`make test` runs one test process per core, and in each the loop thread and the test
+    thread share that core: one intra-op thread each avoids oversubscription, which slows
+    small kernels by 10x on 2 cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
