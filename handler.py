@@ -23,7 +23,6 @@ from typing import Any
 
 import runpod
 
-from worker.http_app import serve
 from worker.openai_api import openai_job
 from worker.startup import start_or_exit
 
@@ -65,5 +64,8 @@ config: dict[str, Any] = {
 
 if __name__ == "__main__":
     if settings.mode == "http":
+        # Imported here: FastAPI and uvicorn add ~0.3 s to every queue-mode start otherwise.
+        from worker.http_app import serve
+
         sys.exit(serve(settings))
     runpod.serverless.start(config)

@@ -138,3 +138,13 @@ def test_missing_test_input_json_exits_non_zero(runs):
     run = runs["missing"].wait(TIMEOUT)
     assert not run.timed_out and run.returncode == 1, run.output[-3000:]
     assert "test_input.json not found" in run.output
+
+
+def test_queue_mode_does_not_import_the_http_server(tiny_model_dir):
+    """FastAPI and uvicorn cost every queue-mode start ~0.3 s: only CSM_MODE=http loads them."""
+    probe = ("import sys; import handler; "
+             "print(sorted({'fastapi', 'uvicorn', 'worker.http_app'} & set(sys.modules)))")
+    done = subprocess.run([handler_cmd()[0], "-c", probe], env=handler_env(tiny_model_dir),
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-3000:]
