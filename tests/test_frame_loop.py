@@ -125,7 +125,8 @@ def test_a_cuda_error_fails_every_job_and_refuses_new_ones(engine):
         return original(*args)
 
     engine.model.frame_step = faulty
-    jobs = [engine.start(request(ms=2000, seed=s)) for s in range(3)]  # 2 slots, 1 waiting
+    with engine.scheduler.cond:  # all three queued before the loop's third step faults
+        jobs = [engine.start(request(ms=2000, seed=s)) for s in range(3)]  # 2 slots, 1 waiting
     for job in jobs:
         with pytest.raises(DeviceFaultError, match="the GPU failed"):
             finishes(lambda: list(job.blocks()))
