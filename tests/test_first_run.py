@@ -89,9 +89,9 @@ def test_handler_without_any_model_lists_where_it_looked(fresh_machine) -> None:
 
 
 @pytest.mark.parametrize("case", ["broken model folder", "malformed setting"])
-def test_start_or_exit_ends_in_one_line_and_status_1(case: str, tiny_model_dir: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_start_up_ends_in_one_line_and_status_1(case: str, tiny_model_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     """What the entry points call (handler.py imports it), in this process: one line, no
     traceback."""
     broken = tmp_path / "broken"

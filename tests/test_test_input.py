@@ -140,11 +140,15 @@ def test_missing_test_input_json_exits_non_zero(runs):
     assert "test_input.json not found" in run.output
 
 
-def test_queue_mode_does_not_import_the_http_server(tiny_model_dir):
-    """FastAPI and uvicorn cost every queue-mode start ~0.3 s: only CSM_MODE=http loads them."""
-    probe = ("import sys; import handler; "
-             "print(sorted({'fastapi', 'uvicorn', 'worker.http_app'} & set(sys.modules)))")
-    done = subprocess.run([handler_cmd()[0], "-c", probe], env=handler_env(tiny_model_dir),
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+@pytest.mark.parametrize("mode, loaded", [("queue", ["runpod"]), ("http", [])])
+def test_each_mode_imports_only_its_own_server(tiny_model_dir, mode, loaded):
+    """FastAPI and uvicorn would cost every queue-mode start ~0.3 s, the SDK every HTTP-mode
+    start ~1.7 s before its port opens; importing handler.py loads the SDK only in queue mode
+    (and there beside the model's load) and the HTTP server in neither (`serve` imports it)."""
+    probe = ("import sys; import handler; print(sorted({'fastapi', 'uvicorn', 'runpod', "
+             "'worker.http_app'} & set(sys.modules)))")
+    done = subprocess.run([handler_cmd()[0], "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=TIMEOUT,
+                          env=handler_env(tiny_model_dir, CSM_MODE=mode))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(loaded), done.stdout[-3000:]

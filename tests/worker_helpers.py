@@ -185,14 +185,14 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def start_up_error(model_dir: Path, monkeypatch: Any, caplog: Any, **env: str) -> str:
     """Start the worker in-process on `model_dir` on the CPU with only `env` among the CSM_
     and HF_ variables; it must exit with status 1 after one error line, returned."""
-    from worker.startup import start_or_exit
+    from worker.startup import settings_or_exit, worker_or_exit
 
     for key in [k for k in os.environ if k.startswith(("CSM_", "HF_"))]:
         monkeypatch.delenv(key)
     for key, value in dict(CSM_DEVICE="cpu", CSM_MODEL_DIR=str(model_dir), **env).items():
         monkeypatch.setenv(key, value)
     try:
-        start_or_exit()
+        worker_or_exit(settings_or_exit())
     except SystemExit as stopped:
         assert stopped.code == 1
     else:

@@ -7,8 +7,10 @@ explanation (the trace is logged at DEBUG, for CSM_LOG_LEVEL=DEBUG).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from .service import Worker
 from .settings import Settings, StartupError, load_settings
@@ -17,14 +19,26 @@ log = logging.getLogger("worker")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def start_or_exit() -> tuple[Settings, Worker | None]:
-    """The settings and, in queue mode, the started worker (http mode starts its own, after
-    its port is open: see worker.http_app)."""
+def settings_or_exit() -> Settings:
+    """The settings, with logging set up at their level."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
+    with _exit_on_startup_error():
         settings = load_settings()
-        logging.getLogger().setLevel(settings.log_level)
-        return settings, Worker.start(settings) if settings.mode == "queue" else None
+    logging.getLogger().setLevel(settings.log_level)
+    return settings
+
+
+def worker_or_exit(settings: Settings) -> Worker:
+    """The started worker of queue mode (http mode starts its own, after its port is open:
+    see worker.http_app)."""
+    with _exit_on_startup_error():
+        return Worker.start(settings)
+
+
+@contextlib.contextmanager
+def _exit_on_startup_error() -> Iterator[None]:
+    try:
+        yield
     except StartupError as e:
         log.debug("start-up failed", exc_info=True)
         log.error("the worker cannot start: %s", e)
