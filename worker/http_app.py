@@ -37,6 +37,7 @@ from .responses import chunk_item, whole_response
 from .schema import ListVoicesRequest, RequestError, VerifyRequest, parse_request
 from .service import CALLER_ERRORS, Worker
 from .settings import Settings, StartupError
+from .startup import report_startup_error
 from .voices import voice_list
 from .ws_speech import speak_over_websocket
 
@@ -397,9 +398,8 @@ async def _serve(settings: Settings) -> int:
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         runtime.worker = await asyncio.to_thread(Worker.start, settings)
-    except StartupError as e:  # says what to do in one line (worker.startup)
-        log.debug("start-up failed", exc_info=True)
-        log.error("the worker cannot start: %s", e)
+    except StartupError as e:
+        report_startup_error(e)
         code = 1
     except Exception:
         log.exception("the model could not be loaded; stopping")

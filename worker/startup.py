@@ -40,6 +40,11 @@ def _exit_on_startup_error() -> Iterator[None]:
     try:
         yield
     except StartupError as e:
-        log.debug("start-up failed", exc_info=True)
-        log.error("the worker cannot start: %s", e)
+        report_startup_error(e)
         sys.exit(1)
+
+
+def report_startup_error(error: StartupError) -> None:
+    """The one line that says what to do; the trace only at DEBUG."""
+    log.debug("start-up failed", exc_info=error)
+    log.error("the worker cannot start: %s", error)
