@@ -6,6 +6,11 @@
     python examples/client.py --url http://127.0.0.1:8000 --text "Hello" --out hello.wav
     # streamed: chunks are appended to the file as they arrive
     python examples/client.py --endpoint ENDPOINT_ID --text "Hello" --stream --out hello.wav
+    # a voice cloned from a clip of it, with what the clip says
+    python examples/client.py --url ... --text "Hello" --reference me.wav \
+        --reference-text "What I say in the clip." --out hello.wav
+    # the voices the worker offers by name (presets and the deployment's own)
+    python examples/client.py --url http://127.0.0.1:8000 --list-voices
 """
 
 from __future__ import annotations
@@ -16,20 +21,51 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-API = "https://api.runpod.ai/v2"
+# RunPod's SDK reads the same variable (a proxy, or a stand-in in tests).
+API = os.environ.get("RUNPOD_ENDPOINT_BASE_URL", "https://api.runpod.ai/v2")
 
 
-def base_url(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    headers: dict[str, str]
+    # RunPod's API reads a job's /status and /stream with GET; the SDK's local server
+    # (`--rp_serve_api`) takes them only as POST.
+    poll_method: str
+
+    def submit(self, path: str, body: dict, timeout: float) -> dict:
+        return self._call("POST", path, timeout, body)
+
+    def poll(self, what: str, job_id: str, timeout: float) -> dict:
+        return self._call(self.poll_method, f"{what}/{job_id}", timeout)
+
+    def _call(self, method: str, path: str, timeout: float, body: dict | None = None) -> dict:
+        """A job's state; anything else (a wrong key, a wrong URL) ends the client, saying so."""
+        reply = requests.request(method, f"{self.url}/{path}", json=body, headers=self.headers,
+                                 timeout=timeout)
+        try:
+            state = reply.json()
+        except ValueError:
+            state = {}
+        if not isinstance(state, dict) or "status" not in state:
+            sys.exit(f"unexpected reply from /{path} (HTTP {reply.status_code}): "
+                     f"{reply.text[:500]}")
+        return state
+
+
+def endpoint(args: argparse.Namespace) -> Endpoint:
     if args.url:
-        return args.url.rstrip("/"), {}
+        return Endpoint(args.url.rstrip("/"), {}, "POST")
     key = os.environ.get("RUNPOD_API_KEY")
     if not key:
         sys.exit("set RUNPOD_API_KEY (RunPod console > Settings > API Keys) or pass --url")
-    return f"{API}/{args.endpoint}", {"Authorization": f"Bearer {key}"}
+    return Endpoint(f"{API}/{args.endpoint}", {"Authorization": f"Bearer {key}"}, "GET")
 
 
 def payload(args: argparse.Namespace) -> dict:
@@ -53,53 +89,69 @@ def outputs(output: object) -> list[dict]:
     return items
 
 
-def run_sync(url: str, headers: dict, body: dict) -> list[dict]:
-    reply = requests.post(f"{url}/runsync", json=body, headers=headers, timeout=600).json()
-    while reply.get("status") in ("IN_QUEUE", "IN_PROGRESS"):  # runsync gave up waiting
+def run_sync(where: Endpoint, body: dict) -> list[dict]:
+    reply = where.submit("runsync", body, timeout=600)
+    while reply["status"] in ("IN_QUEUE", "IN_PROGRESS"):  # runsync gave up waiting
         time.sleep(1)
-        reply = requests.get(f"{url}/status/{reply['id']}", headers=headers, timeout=60).json()
-    if reply.get("status") != "COMPLETED":
-        sys.exit(f"job {reply.get('status')}: {reply.get('error') or json.dumps(reply)[:500]}")
+        reply = where.poll("status", reply["id"], timeout=60)
+    if reply["status"] != "COMPLETED":
+        sys.exit(f"job {reply['status']}: {reply.get('error') or json.dumps(reply)[:500]}")
     return outputs(reply["output"])
 
 
-def run_stream(url: str, headers: dict, body: dict):
-    job = requests.post(f"{url}/run", json=body, headers=headers, timeout=60).json()
+def run_stream(where: Endpoint, body: dict) -> Iterator[dict]:
+    job = where.submit("run", body, timeout=60)
     while True:
-        reply = requests.get(f"{url}/stream/{job['id']}", headers=headers, timeout=600).json()
+        reply = where.poll("stream", job["id"], timeout=600)
         for part in reply.get("stream", []):
             yield from outputs(part["output"])
-        if reply.get("status") not in ("IN_QUEUE", "IN_PROGRESS"):
-            if reply.get("status") == "FAILED":
-                sys.exit(f"job failed: {reply.get('error')}")
+        if reply["status"] not in ("IN_QUEUE", "IN_PROGRESS"):
+            if reply["status"] != "COMPLETED":
+                sys.exit(f"job {reply['status']}: {reply.get('error')}")
             return
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--endpoint", help="RunPod serverless endpoint id")
-    where.add_argument("--url", help="a local server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--voice", choices=["conversational_a", "conversational_b", "none"])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", help="RunPod serverless endpoint id")
+    target.add_argument("--url", help="a local server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--text")
+    # Not a fixed list: a deployment may add its own voices (--list-voices shows them), and
+    # the worker refuses an unknown name with the list.
+    parser.add_argument("--voice", help="a voice by name, or none (default: the worker's)")
+    parser.add_argument("--list-voices", action="store_true",
+                        help="print the worker's voices and exit")
     parser.add_argument("--reference", type=Path, help="an audio file of the voice to clone")
-    parser.add_argument("--reference-text", default="", help="what the reference says")
+    parser.add_argument("--reference-text", help="what the reference says (with --reference)")
     parser.add_argument("--format", default="wav",
                         choices=["wav", "flac", "ogg", "opus", "mp3", "aac", "pcm"])
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stream", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    url, headers = base_url(args)
+    if not args.list_voices and not (args.text and args.out):
+        parser.error("--text and --out are required (or --list-voices)")
+    if args.reference and not args.reference_text:
+        parser.error("--reference needs --reference-text: CSM is conditioned on what it says")
+    where = endpoint(args)
+    if args.list_voices:
+        (voices,) = run_sync(where, {"input": {"task": "list_voices"}})
+        print(json.dumps(voices, indent=1))
+        return
     body = payload(args)
-    items = run_stream(url, headers, body) if args.stream else run_sync(url, headers, body)
-    with args.out.open("wb") as f:
-        for item in items:
-            f.write(base64.b64decode(item["audio_base64"]))
-            if item.get("final", True):
-                summary = {k: v for k, v in item.items() if k != "audio_base64"}
-                print(json.dumps(summary, indent=1))
+    items = run_stream(where, body) if args.stream else run_sync(where, body)
+    try:
+        with args.out.open("wb") as f:
+            for item in items:
+                f.write(base64.b64decode(item["audio_base64"]))
+                if item.get("final", True):
+                    summary = {k: v for k, v in item.items() if k != "audio_base64"}
+                    print(json.dumps(summary, indent=1))
+    except SystemExit:  # a stream that failed midway: no half a file left to play
+        args.out.unlink(missing_ok=True)
+        raise
     print(f"wrote {args.out}")
 
 

@@ -2,9 +2,9 @@
 
 A real subprocess with the tiny RANDOM-weight model (noise, not speech; its Mimi codebooks
 made random so that every seed gives its own audio), driven over HTTP: /runsync, /run with
-/stream/{id} and /status/{id}, a 200-job load test and a mixed load. The cloud's own job
-path (the SDK's `handle_job`, which the local server only imitates) is run in-process at the
-end.
+/stream/{id} and /status/{id}, a 200-job load test and a mixed load; examples/client.py
+against it, and against a stand-in for RunPod's cloud API. The cloud's own job path (the SDK's
+`handle_job`, which the local server only imitates) is run in-process at the end.
 """
 
 from __future__ import annotations
@@ -12,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
+import os
 import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import requests
 
-from worker_helpers import (SAMPLE_RATE, assert_same_audio, decode_audio, decode_bytes,
-                            free_port, handler_cmd, handler_env, imported_handler, stop,
-                            stream_wav_frames)
+from worker_helpers import (REPO, SAMPLE_RATE, assert_same_audio, audio_file, decode_audio,
+                            decode_bytes, free_port, handler_cmd, handler_env,
+                            imported_handler, stop, stream_wav_frames)
 
 CAP_MS = 1200
 LIMITS = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CONCURRENCY": "8",
@@ -182,10 +187,130 @@ def test_runsync_streamed_job_returns_every_chunk(server):
     check_stream(body["output"], "pcm", CAP_MS)
 
 
+# ---- examples/client.py, the README's client ------------------------------------------------
+def client(tmp_path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "examples" / "client.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+
+def test_the_example_client_saves_what_runsync_answers(server, tmp_path):
+    done = client(tmp_path, "--url", server, "--text", "Saved by the client.", "--seed", "6",
+                  "--voice", "conversational_b", "--out", "out.wav")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    assert summary["seed"] == 6 and "audio_base64" not in summary
+    (response,) = runsync(server, {"text": "Saved by the client.", "seed": 6,
+                                   "voice": "conversational_b", "response_format": "wav",
+                                   "stream": False})["output"]
+    assert (tmp_path / "out.wav").read_bytes() == base64.b64decode(response["audio_base64"])
+    assert done.stdout.rstrip().endswith("wrote out.wav")
+
+
+def test_the_example_client_streams_a_clone_into_a_playable_file(server, tmp_path):
+    (tmp_path / "me.wav").write_bytes(audio_file(1.0, rate=16_000))
+    args = ["--text", "Streamed by the client.", "--reference", "me.wav", "--format", "ogg",
+            "--stream", "--out", "out.ogg"]
+    refused = client(tmp_path, "--url", server, *args)
+    assert refused.returncode == 2 and "--reference needs --reference-text" in refused.stderr
+    done = client(tmp_path, "--url", server, *args, "--reference-text", "A tone.")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    assert summary["final"] and summary["chunks"] > 1
+    audio, rate = decode_bytes((tmp_path / "out.ogg").read_bytes(), "ogg")
+    assert rate == SAMPLE_RATE and 1000 * len(audio) / SAMPLE_RATE == summary["duration_ms"]
+
+
+def test_the_example_client_lists_voices_and_reports_a_refusal(server, tmp_path):
+    listed = client(tmp_path, "--url", server, "--list-voices")
+    assert listed.returncode == 0, listed.stderr
+    assert {v["name"] for v in json.loads(listed.stdout)["voices"]} == {"conversational_a",
+                                                                         "conversational_b"}
+    for stream in ([], ["--stream"]):
+        refused = client(tmp_path, "--url", server, "--text", "Hi.", "--voice", "nobody", "--out",
+                         "x.wav", *stream)
+        assert refused.returncode == 1 and not (tmp_path / "x.wav").exists()
+        assert refused.stderr.startswith("worker error:") and "nobody" in refused.stderr
+        assert "conversational_a" in refused.stderr
+
+
+class RunpodApiStandIn(BaseHTTPRequestHandler):
+    """RunPod's cloud API for one endpoint, as the client meets it: a key in the header, GET
+    for /status and /stream (POST refused), a /runsync that gives up waiting and a /stream
+    that hands out a job's chunks over several polls. `replies` are the worker's real
+    outputs."""
+
+    replies: dict[str, list] = {}
+    seen: list[tuple[str, str]] = []
+
+    def _answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self, method: str) -> None:
+        self.seen.append((method, self.path))
+        if self.headers.get("Authorization") != "Bearer test-key":
+            return self._answer(401, {"error": "Unauthorized"})
+        if method == "POST" and self.path in ("/v2/ep/run", "/v2/ep/runsync"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            return self._answer(200, {"id": "job-1", "status": "IN_QUEUE"})
+        if method == "GET" and self.path == "/v2/ep/status/job-1":
+            return self._answer(200, {"id": "job-1", "status": "COMPLETED",
+                                      "output": self.replies["whole"]})
+        if method == "GET" and self.path == "/v2/ep/stream/job-1":
+            chunks = self.replies["stream"]
+            part, self.replies["stream"] = chunks[:2], chunks[2:]
+            return self._answer(200, {"id": "job-1", "stream": [{"output": c} for c in part],
+                                      "status": "IN_PROGRESS" if chunks[2:] else "COMPLETED"})
+        self._answer(405, {"detail": "Method Not Allowed"})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's names
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_example_client_polls_a_deployed_endpoint_as_runpods_api_wants(server, tmp_path):
+    job = {"text": "Through the cloud.", "seed": 2, "response_format": "pcm"}
+    whole = runsync(server, job)["output"]
+    chunks = runsync(server, {**job, "stream": True, "max_audio_length_ms": CAP_MS})["output"]
+    polls = -(-len(chunks) // 2)
+    assert polls > 1
+    RunpodApiStandIn.replies, RunpodApiStandIn.seen = {"whole": whole, "stream": chunks}, []
+    api = ThreadingHTTPServer(("127.0.0.1", 0), RunpodApiStandIn)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    env = {**os.environ, "RUNPOD_API_KEY": "test-key",
+           "RUNPOD_ENDPOINT_BASE_URL": f"http://127.0.0.1:{api.server_port}/v2"}
+    call = ["--endpoint", "ep", "--text", job["text"], "--format", "pcm"]
+    try:
+        done = client(tmp_path, *call, "--out", "whole.pcm", env=env)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "whole.pcm").read_bytes() == base64.b64decode(
+            whole[0]["audio_base64"])
+        done = client(tmp_path, *call, "--stream", "--out", "stream.pcm", env=env)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "stream.pcm").read_bytes() == joined(chunks)
+        # /runsync, then its /status; /run, then a /stream per two chunks
+        assert [m for m, _ in RunpodApiStandIn.seen] == ["POST", "GET", "POST"] + ["GET"] * polls
+        refused = client(tmp_path, *call, "--out", "x.pcm",
+                         env={**env, "RUNPOD_API_KEY": "wrong"})
+        assert refused.returncode == 1 and not (tmp_path / "x.pcm").exists()
+        assert refused.stderr.startswith("unexpected reply from /runsync (HTTP 401)")
+    finally:
+        api.shutdown()
+
+
 # ---- load ---------------------------------------------------------------------------------------
 def test_200_jobs_none_lost_none_mixed_up(server):
     n, clients = 200, 8
-    local = __import__("threading").local()
+    local = threading.local()
 
     def one(i: int):
         local.session = getattr(local, "session", None) or requests.Session()
