@@ -81,10 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny(Path(tmp), cfg=SHAPES[args.shapes])
         model = load_model(folder, "cpu", getattr(torch, args.dtype))
-    model.backbone.fuse()  # as the engine runs it
-    model.decoder.fuse()
-    if args.int8:
-        model.decoder.quantize_int8()
+    model.prepare_for_serving(decoder_int8=args.int8)  # as the engine runs it
     step, decoder = count_frame_step(model, args.batch)
     print(f"{args.shapes} shapes, {args.dtype}, batch {args.batch}: {step.total} operations "
           f"per frame step, {decoder.total} of them the depth decoder and sampling")

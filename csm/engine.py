@@ -178,10 +178,7 @@ class Engine:
         self.watermarker = watermarker
         self.device = model.codebook0_head.weight.device
         start = time.perf_counter()
-        model.backbone.fuse()
-        model.decoder.fuse()
-        if decoder_int8:
-            model.decoder.quantize_int8()
+        model.prepare_for_serving(decoder_int8)
         self.scheduler = Scheduler(model, codec, max_batch, use_graphs, stall_timeout_s,
                                    key_block, compile_backend)
         self.prefixes: list[tuple[Segment, Prefix]] = []

@@ -58,6 +58,15 @@ class CSM(nn.Module):
         self.register_buffer("codebooks", torch.arange(self.cfg.num_codebooks, device=device),
                              persistent=False)
 
+    def prepare_for_serving(self, decoder_int8: bool = False) -> None:
+        """The weights as the engine serves them: fused projections (fewer, larger matmuls,
+        same numbers) and, with `decoder_int8`, the depth decoder's in int8
+        (Transformer.quantize_int8)."""
+        self.backbone.fuse()
+        self.decoder.fuse()
+        if decoder_int8:
+            self.decoder.quantize_int8()
+
     def setup_caches(self, max_batch: int) -> None:
         self.backbone.setup_cache(max_batch)
         self.decoder.setup_cache(max_batch)
