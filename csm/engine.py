@@ -129,7 +129,7 @@ class Generation:
     def _on_audio(self, audio: Tensor, codes: Tensor) -> None:
         if self.first_audio_ms is None:
             self.first_audio_ms = 1000 * (time.perf_counter() - self.started)
-        self.deliver(AudioBlock(audio.cpu(), codes, len(self.reasons)))
+        self.deliver(AudioBlock(audio, codes, len(self.reasons)))
 
     def _next_piece(self, codes: Tensor, reason: str) -> Piece | None:
         """Called on the loop thread: cheap, every turn is already tokenised."""
