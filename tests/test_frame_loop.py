@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import threading
 import time
 import weakref
@@ -21,8 +22,8 @@ import torch
 from csm.engine import (DeviceFaultError, Engine, GenerationRequest, Utterance)
 from csm.prompt import Segment
 from csm.sampling import noise_key
-from csm.scheduler import EngineClosedError
-from csm.testing.chaos import _edge_segment
+from csm.scheduler import PREFILL_CHUNK, EngineClosedError
+from csm.testing.chaos import _edge_segment, sized_segment
 from worker_helpers import complete
 
 
@@ -187,6 +188,46 @@ def test_each_piece_draws_its_own_noise_and_a_seed_reproduces_the_job(engine):
     assert len({noise_key(77, p) for p in range(3)}) == 3
     engine.model.decode_codes = original
     assert torch.equal(engine.generate(req).codes, first.codes)
+
+
+def test_a_job_between_pieces_is_not_stepped_while_its_next_prompt_prefills(engine):
+    """The next piece's prompt takes two prefill chunks, beside a job that keeps the loop
+    stepping. Its row must sit parked meanwhile: left at the position where its first piece
+    stopped, it is stepped with the other job and writes that position's keys and values over
+    what the first chunk had just prefilled there. One position of ~515 seldom turns a draw
+    of the tiny model (the codes stayed equal when the park was taken out), so the rows are
+    checked at every step."""
+    context = (sized_segment(engine, "Hello there.", 0, 505, random.Random(0)),)
+    first, second = Utterance(0, "Hello there.", 240), Utterance(0, "And a second piece.", 240)
+    two = request(context, ms=first.max_audio_length_ms, text=first.text, seed=4,
+                  then=(second,))
+    conversation = engine.conversation(context)
+    stopped_at = len(conversation.piece(first).tokens) + 3  # 3 frames
+    conversation.add(first, torch.zeros(32, 3, dtype=torch.long))
+    assert stopped_at < PREFILL_CHUNK < len(conversation.piece(second).tokens)
+    alone = engine.generate(two)
+    scheduler, stepper = engine.scheduler, engine.scheduler.stepper
+    step, unparked = stepper.step, []
+
+    def spy(n, keys):  # every row stepped without a piece of its own must sit parked
+        unparked.extend(slot for slot in range(n)
+                        if (scheduler.slots[slot] is None or scheduler.slots[slot].prefilling)
+                        and int(stepper.position[slot]) != stepper.park_position)
+        return step(n, keys)
+
+    stepper.step = spy
+    # The other job in slot 1, running; two in slot 0, inside the bucket that steps it.
+    with scheduler.cond:
+        filler = engine.start(request(ms=80))
+        other = engine.start(request(ms=120 * 80, seed=2))
+    finishes(lambda: engine.finish(filler, list(filler.blocks())))
+    two_job = engine.start(two)
+    together = finishes(lambda: engine.finish(two_job, list(two_job.blocks())))
+    assert not other.job.done  # it ran beside every piece of two
+    finishes(lambda: engine.finish(other, list(other.blocks())))
+    del stepper.step
+    assert unparked == []
+    assert torch.equal(together.codes, alone.codes)
 
 
 def test_close_stops_the_loop_fails_what_runs_and_frees_the_model(tiny_model_dir):
