@@ -113,25 +113,64 @@ def test_a_raising_consumer_fails_its_job_alone_and_the_loop_lives_on(engine):
     assert engine.scheduler.active_jobs == 0 and engine.fault is None
 
 
-def test_a_cuda_error_fails_every_job_and_refuses_new_ones(engine):
-    original = engine.model.frame_step
-    calls = 0
+def raise_on_call(engine, n: int, error: BaseException) -> None:
+    """The frame step raises `error` on its n-th call, and runs normally otherwise."""
+    original, calls = engine.model.frame_step, [0]
 
-    def faulty(*args):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise torch.AcceleratorError("CUDA error: device-side assert triggered") if hasattr(
-                torch, "AcceleratorError") else RuntimeError("CUDA error: device-side assert")
+    def step(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
         return original(*args)
 
-    engine.model.frame_step = faulty
+    engine.model.frame_step = step
+
+
+def test_a_cuda_error_fails_every_job_and_refuses_new_ones(engine):
+    raise_on_call(engine, 3, torch.AcceleratorError("CUDA error: device-side assert triggered")
+                  if hasattr(torch, "AcceleratorError")
+                  else RuntimeError("CUDA error: device-side assert"))
     with engine.scheduler.cond:  # all three queued before the loop's third step faults
         jobs = [engine.start(request(ms=2000, seed=s)) for s in range(3)]  # 2 slots, 1 waiting
     for job in jobs:
         with pytest.raises(DeviceFaultError, match="the GPU failed"):
             finishes(lambda: list(job.blocks()))
     assert engine.fault is not None
+    with pytest.raises(DeviceFaultError):
+        engine.start(request())
+
+
+def test_out_of_gpu_memory_fails_the_running_jobs_but_not_the_engine(engine):
+    """Running out of memory is not a device fault (the context is still good): the jobs of
+    that step fail with it, the waiting one runs as it would alone, new ones are taken."""
+    raise_on_call(engine, 3, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                         "allocate 2.00 GiB"))
+    with engine.scheduler.cond:  # 2 slots: two running when the step fails, one waiting
+        jobs = [engine.start(request(ms=800, seed=s)) for s in range(3)]
+    for job in jobs[:2]:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            finishes(lambda: list(job.blocks()))
+    waiting = finishes(lambda: engine.finish(jobs[2], list(jobs[2].blocks())))
+    assert engine.fault is None
+    assert torch.equal(waiting.codes, engine.generate(request(ms=800, seed=2)).codes)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_thread_that_dies_fails_every_job(engine):
+    """What `except Exception` can't catch (a BaseException from inside a step) ends the loop
+    thread; the watchdog sees it gone with work left and fails every job, running or
+    waiting, rather than leave them waiting for ever."""
+
+    class Fatal(BaseException):
+        pass
+
+    raise_on_call(engine, 2, Fatal())
+    with engine.scheduler.cond:
+        jobs = [engine.start(request(ms=800, seed=s)) for s in range(3)]
+    for job in jobs:
+        with pytest.raises(DeviceFaultError, match="the frame loop stopped"):
+            finishes(lambda: list(job.blocks()), timeout=20)
+    assert not engine.scheduler.thread.is_alive()
     with pytest.raises(DeviceFaultError):
         engine.start(request())
 
@@ -155,21 +194,29 @@ def test_a_hung_step_is_caught_by_the_watchdog(engine):
     release.set()
 
 
-def test_the_worker_asks_for_a_restart_after_a_device_fault(engine, tmp_path):
+@pytest.mark.parametrize("error, says", [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "restarts"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "the GPU ran out of memory on this job; retry it"),
+], ids=["device-fault", "out-of-memory"])
+def test_the_worker_asks_for_a_restart_after_a_gpu_failure(engine, tmp_path, error, says):
+    """After a device fault the next job is refused too; after running out of memory the
+    engine still takes jobs, and the worker still asks RunPod for a fresh one (README,
+    "Faults inside the worker"), with an error that says what to retry."""
     from worker.service import Worker
     from worker.settings import load_settings
 
-    engine.model.frame_step = lambda *a: (_ for _ in ()).throw(
-        RuntimeError("CUDA error: an illegal memory access was encountered"))
+    engine.model.frame_step = lambda *a: (_ for _ in ()).throw(error)
     worker = Worker(engine, load_settings({"CSM_MODEL_DIR": str(tmp_path)}), presets={})
     loop = asyncio.new_event_loop()
     try:
-        for _ in range(2):  # the failing job, then a new one refused
+        for _ in range(2):  # the failing job, then a new one (refused after a device fault)
             items = loop.run_until_complete(complete(worker,
                 {"text": "Hi.", "voice": "none", "max_audio_length_ms": 160}))
-            assert items["refresh_worker"] is True and "restarts" in items["error"]
+            assert items["refresh_worker"] is True and says in items["error"]
     finally:
         loop.close()
+    assert (engine.fault is None) == isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 def test_each_piece_draws_its_own_noise_and_a_seed_reproduces_the_job(engine):
