@@ -24,7 +24,7 @@ from csm.llama import attend, fold_mask
 from csm.mimi_rows import MimiRows
 from csm.prompt import Segment
 from csm.model import SamplingState
-from csm.scheduler import CHECK_EVERY
+from csm.scheduler import CHECK_EVERY, PREFILL_CHUNK, Scheduler
 from csm.testing.chaos import sized_segment
 
 
@@ -106,6 +106,41 @@ def test_mimi_decodes_only_the_frame_steps_bucket_of_rows(engine, voice, monkeyp
     for generation in generations:
         list(generation.blocks())
     assert 4 in rows and 2 in rows and rows[-1] == 1
+
+
+def test_newcomers_share_one_prefill_chunk_an_iteration_beside_a_running_job(engine, voice,
+                                                                             monkeypatch):
+    """Three 900-position prompts arriving at once beside a running job are prefilled
+    PREFILL_CHUNK positions an iteration in all, not each: the running job's next block waits
+    for at most one chunk of prompt work."""
+    per_iteration, spent = [], [0]
+    prefill, prefill_chunk = Scheduler._prefill, Scheduler._prefill_chunk
+
+    def counted_chunk(self, occupant, budget):
+        spent[0] += (n := prefill_chunk(self, occupant, budget))
+        return n
+
+    def counted_prefill(self):
+        spent[0] = 0
+        prefill(self)
+        per_iteration.append(spent[0])
+
+    monkeypatch.setattr(Scheduler, "_prefill_chunk", counted_chunk)
+    monkeypatch.setattr(Scheduler, "_prefill", counted_prefill)
+    running = engine.start(request(voice, seed=1, ms=4000)).blocks()
+    next(running)  # it is drawing frames
+    rng = random.Random(0)
+    newcomers = [GenerationRequest(text="Hello there.", seed=s, max_audio_length_ms=160,
+                                   context=(sized_segment(engine, "Hello there.", 0, 900, rng),))
+                 for s in range(3)]
+    per_iteration.clear()
+    with engine.scheduler.cond:
+        generations = [engine.start(r) for r in newcomers]
+    for generation in generations:
+        list(generation.blocks())
+    list(running)
+    assert sum(per_iteration) == 3 * 900
+    assert max(per_iteration) == PREFILL_CHUNK
 
 
 def test_generate_is_reproducible_and_seed_dependent(engine, voice):
