@@ -424,6 +424,39 @@ def test_websocket_disconnect_frees_the_slot(server, runtime):
     wait_idle(runtime)
 
 
+# ---- a GPU fault -----------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ["speech", "native", "websocket"])
+def test_a_gpu_fault_makes_ping_unhealthy_whichever_route_met_it(tiny_model_dir, route):
+    """RunPod replaces a load-balanced worker whose /ping fails; every route that meets a GPU
+    fault must say so there, or a worker whose jobs all fail keeps getting traffic. Its own
+    server: the fault is for good."""
+    settings = load_settings(dict(ENV, CSM_MODEL_DIR=str(tiny_model_dir)))
+    runtime = Runtime(settings, Worker.start(settings))
+    runtime.worker.engine.model.frame_step = lambda *a: (_ for _ in ()).throw(
+        RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with Server(create_app(runtime)) as server:
+        assert httpx.get(f"{server.url}/ping").status_code == 200
+        if route == "websocket":
+            with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
+                ws.send(json.dumps({"type": "text", "text": "Hello there. "}))
+                ws.send(json.dumps({"type": "end"}))
+                messages = [json.loads(ws.recv(20)) for _ in range(3)]
+                assert [m["type"] for m in messages] == ["ready", "sentence", "error"]
+                assert "the GPU failed" in messages[2]["message"]
+                with pytest.raises(Exception) as closed:
+                    ws.recv(10)
+                assert closed.value.rcvd.code == 1011
+        else:
+            path, body = (("/v1/audio/speech", speech()) if route == "speech" else
+                          ("/v1/generate", {"text": "Hello there.", "max_audio_length_ms": 480}))
+            answer = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            assert answer.status_code == 500 and "the GPU failed" in answer.text
+        ping = httpx.get(f"{server.url}/ping")
+        assert ping.status_code == 503 and ping.json()["status"] == "unhealthy"
+        assert "the GPU failed" in ping.json()["error"]
+    runtime.worker.engine.close()
+
+
 # ---- the queue mode's OpenAI jobs ---------------------------------------------------------------
 def test_queue_openai_jobs(runtime):
     worker = runtime.worker

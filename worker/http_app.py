@@ -57,6 +57,14 @@ class Runtime:
         self.admission = Admission(settings.max_concurrency, http.max_queued,
                                    http.queue_timeout_s)
 
+    def failed(self, error: Exception) -> str:
+        """What to tell the caller of a fault inside the worker; after one that needs a fresh
+        worker (a GPU fault), /ping reports unhealthy from then on, so RunPod replaces it."""
+        answer = Worker.failure(error)
+        if answer.get("refresh_worker"):
+            self.broken = answer["error"]
+        return answer["error"]
+
 
 class Refusal(Exception):
     """An HTTP answer decided before any audio left: status, message, extra headers."""
@@ -123,10 +131,7 @@ async def first_item(items: AsyncIterator[Any], request: Request, runtime: Runti
 
 
 def server_fault(runtime: Runtime, error: Exception) -> Refusal:
-    answer = Worker.failure(error)
-    if answer.get("refresh_worker"):
-        runtime.broken = answer["error"]  # /ping says unhealthy: RunPod replaces this worker
-    return Refusal(500, answer["error"], kind="server_error")
+    return Refusal(500, runtime.failed(error), kind="server_error")
 
 
 class GuardedStream(StreamingResponse):

@@ -186,7 +186,7 @@ class Session:
         except GONE:
             raise
         except Exception as e:  # noqa: BLE001 - reported; the worker carries on
-            raise Closing(Worker.failure(e)["error"], SERVER_ERROR) from None
+            raise Closing(self.runtime.failed(e), SERVER_ERROR) from None
         finally:
             release()
         self.spoken += 1
