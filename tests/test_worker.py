@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from pathlib import Path
 
@@ -586,3 +587,37 @@ def test_a_cancelled_task_frees_its_slot(worker, loop):
     run(loop, cancel_mid_job())
     wait_idle(worker, 3.0)
     still_works(worker, loop)
+
+
+def test_a_task_cancelled_while_its_job_is_planned_cancels_the_job(worker, loop, monkeypatch):
+    """Cut off while its job is still being planned (reference audio decoded and encoded,
+    text tokenised: in a thread that can't be stopped), the job must be cancelled as soon as
+    it exists, not draw its frames for no one."""
+    planning, release, plan = threading.Event(), threading.Event(), worker.plan
+
+    def slow_plan(*args):
+        planning.set()
+        release.wait(10)
+        return plan(*args)
+
+    monkeypatch.setattr(worker, "plan", slow_plan)
+
+    async def cancel_while_planning() -> bool:
+        task = asyncio.ensure_future(complete(worker, LONG_JOB))
+        while not planning.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        deadline = time.monotonic() + 3  # the event loop runs on, as a server's does
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            scheduler = worker.engine.scheduler
+            if not scheduler.pending and not scheduler.active_jobs:
+                return True
+        return False
+
+    assert run(loop, cancel_while_planning()), "the job ran on after its caller was gone"
+    still_works(worker, loop)
+
