@@ -396,6 +396,32 @@ def test_websocket_speaks_each_sentence_as_it_completes(server, runtime):
     wait_idle(runtime)
 
 
+def test_websocket_sentences_are_spoken_with_the_ones_before_as_context(server, runtime):
+    """The second sentence of a connection is conditioned on the first (its text and codes):
+    spoken alone, with the same seed and settings, it sounds different; the same connection
+    again sounds the same."""
+    def spoken(text: str) -> list[bytes]:
+        with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
+            ws.send(json.dumps({"type": "start", "seed": 8, "max_audio_length_ms": 240,
+                                "response_format": "pcm", "watermark": False}))
+            ws_messages(ws, "ready")
+            ws.send(json.dumps({"type": "text", "text": text}))
+            ws.send(json.dumps({"type": "end"}))
+            sentences = []
+            for _ in range(text.count("?") + text.count(".")):
+                messages, audio = ws_messages(ws, "sentence.done")
+                assert messages[-1]["type"] == "sentence.done", messages
+                sentences.append(audio)
+            return sentences
+
+    after_first = spoken("Hello there. How are you?")
+    assert spoken("Hello there. How are you?") == after_first
+    (alone,) = spoken("How are you?")
+    assert len(alone) == len(after_first[1]) == 240 * 24 * 2
+    assert alone != after_first[1]
+    wait_idle(runtime)
+
+
 def test_websocket_errors_are_clear(server, runtime):
     url = f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream"
     with ws_connect(url) as ws:
