@@ -427,9 +427,11 @@ class Scheduler:
         pcm = torch.stack([self.mimi.decode(self.codec.valid_codes(self.block_codes[s, :bucket]),
                                             counts > s) for s in range(steps)], dim=1)
         # [bucket, steps, 1920] to the host in one copy for every row, rather than a copy
-        # (and a wait for the device) per row; a row's valid frames are its first.
+        # (and a wait for the device) per row; a row's valid frames are its first. Each row's
+        # audio is cloned out of it: a view would keep the whole bucket's block alive for as
+        # long as a job holds its audio (a whole response holds every block to the end).
         host = pcm.float().cpu()
-        return {slot: host[slot, :n].flatten() for slot, n in valid.items() if n}
+        return {slot: host[slot, :n].flatten().clone() for slot, n in valid.items() if n}
 
     def _end_piece(self, occupant: Occupant, reason: str) -> None:
         codes = torch.cat(occupant.codes, dim=1)

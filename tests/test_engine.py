@@ -159,7 +159,11 @@ def test_batched_jobs_match_jobs_run_alone_whenever_they_join(engine, voice):
     for r in reqs:
         generations.append(engine.start(r))
         time.sleep(0.05)  # staggered: jobs join a batch already running
-    together = [engine.finish(g, list(g.blocks())) for g in generations]
+    blocks = [list(g.blocks()) for g in generations]
+    together = [engine.finish(g, b) for g, b in zip(generations, blocks)]
+    # A job's audio is its own, not a view of the whole batch's block that it would keep.
+    assert all(b.audio.untyped_storage().nbytes() == 4 * b.audio.numel()
+               for job in blocks for b in job)
     for s, (a, t) in enumerate(zip(alone, together)):
         assert torch.equal(a.codes, t.codes), f"job {s} changed when batched"
         # Their lengths (15 to 25 frames) end mid-block beside longer rows: each row's own
