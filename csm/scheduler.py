@@ -138,7 +138,7 @@ class Occupant:
         limit = min(len(frames), self.frames_left)
         ends = frames[:limit].eq(0).all(dim=1).nonzero() if self.job.stop_at_end_frame else []
         n = int(ends[0]) if len(ends) else limit
-        self.codes.append(frames[:n].t())
+        self.codes.append(frames[:n].t().clone())  # not a view that keeps the whole block
         self.frames_done += n
         if len(ends):
             return n, "end_of_speech"

@@ -161,8 +161,10 @@ def test_batched_jobs_match_jobs_run_alone_whenever_they_join(engine, voice):
         time.sleep(0.05)  # staggered: jobs join a batch already running
     blocks = [list(g.blocks()) for g in generations]
     together = [engine.finish(g, b) for g, b in zip(generations, blocks)]
-    # A job's audio is its own, not a view of the whole batch's block that it would keep.
+    # A job's audio and codes are its own, not views of the whole batch's block they would
+    # keep alive.
     assert all(b.audio.untyped_storage().nbytes() == 4 * b.audio.numel()
+               and b.codes.untyped_storage().nbytes() == 8 * b.codes.numel()
                for job in blocks for b in job)
     for s, (a, t) in enumerate(zip(alone, together)):
         assert torch.equal(a.codes, t.codes), f"job {s} changed when batched"
