@@ -316,6 +316,38 @@ def test_prompt_too_long_is_refused_before_any_work(engine, voice):
     assert engine.scheduler.active_jobs == 0
 
 
+def edge_request(context, frames: int = 5) -> GenerationRequest:
+    return GenerationRequest(text="Edge.", context=context, max_audio_length_ms=80 * frames,
+                             stop_at_end_frame=False)
+
+
+def test_the_longest_prompt_the_window_takes_runs_and_one_position_more_is_refused(engine):
+    """As the reference: the prompt must be under window - frames. At that length exactly
+    the last frame would land on the stepper's park position: refused before any work."""
+    frames, rng = 5, random.Random(0)
+    limit = engine.max_positions - frames
+    fits, over = (sized_segment(engine, "Edge.", 0, n, rng) for n in (limit - 1, limit))
+    utterance = edge_request((), frames).utterances[0]
+    assert len(engine.conversation((fits,)).piece(utterance).tokens) == limit - 1
+    assert over.codes.shape[1] == fits.codes.shape[1] + 1
+    with pytest.raises(PromptTooLongError):
+        engine.start(edge_request((over,), frames))
+    assert engine.scheduler.active_jobs == 0 and not engine.scheduler.pending
+    assert engine.generate(edge_request((fits,), frames)).frames == frames
+
+
+def test_history_is_dropped_until_the_prompt_is_under_the_limit(engine):
+    """Context plus one history turn exactly at the limit: the turn goes, the prompt fits."""
+    frames = 5
+    old = Segment(speaker=0, text="old", codes=torch.zeros(32, 10, dtype=torch.long))
+    old_positions = len(engine.tokenizer.encode_turn(0, "old")) + 10 + 1  # + end of audio
+    fixed = sized_segment(engine, "Edge.", 0, engine.max_positions - frames - old_positions,
+                          random.Random(0))
+    piece = engine.conversation((fixed,), history=(old,)).piece(
+        edge_request((), frames).utterances[0])
+    assert len(piece.tokens) == engine.max_positions - frames - old_positions
+
+
 def test_history_is_dropped_oldest_first_to_fit_the_window(engine):
     """Utterance 3 with a context leaving room for about one earlier utterance."""
     codes = torch.zeros(32, 300, dtype=torch.long)
