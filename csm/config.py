@@ -48,6 +48,12 @@ class CSMConfig:
     def frame_ms(self) -> int:
         return 80  # Mimi runs at 12.5 frames per second
 
+    def cache_bytes_per_row(self, element_size: int) -> int:
+        """The keys and values one batch row holds (the backbone's whole window and the depth
+        decoder's), at `element_size` bytes a number (2 in bf16)."""
+        return sum(2 * c.num_layers * c.num_kv_heads * c.max_seq_len * c.head_size
+                   for c in (self.backbone, self.decoder)) * element_size
+
 
 CSM_1B = CSMConfig(
     backbone=LlamaConfig(num_layers=16, dim=2048, num_heads=32, num_kv_heads=8,

@@ -77,3 +77,14 @@ def test_invalid_json_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{backbone_flavor: llama-1B}")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_config(tmp_path)
+
+
+def test_a_rows_cache_bytes_are_what_the_model_allocates() -> None:
+    """The figure the start-up's out-of-memory message quotes is the caches' real size."""
+    model = CSM(TINY)
+    model.setup_caches(3)
+    allocated = sum(t.nbytes for layer in [*model.backbone.layers, *model.decoder.layers]
+                    for t in (layer.attn.k_cache, layer.attn.v_cache))
+    assert allocated == 3 * TINY.cache_bytes_per_row(element_size=4)
+    # csm-1b in bf16: 64 MiB for the backbone's 2048 positions, 132 KiB for the decoder's 33
+    assert CSM_1B.cache_bytes_per_row(element_size=2) == 64 * 2**20 + 132 * 2**10

@@ -18,10 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from builder import fetch_weights as fw
+from csm.config import TINY
 from csm.engine import Engine
+from csm.model import CSM
 from worker.model_source import find_model, load_engine
 from worker.settings import Settings, StartupError, load_settings
 
@@ -213,6 +216,26 @@ def test_a_broken_model_folder_is_one_line_not_a_traceback(places: dict[str, Pat
     message = str(info.value)
     assert message.startswith(f"the model from the CSM_MODEL_DIR {broken} could not be loaded")
     assert "fetch_weights --dest" in message and "\n" not in message
+
+
+def test_out_of_gpu_memory_at_start_says_to_lower_the_concurrency(
+        places: dict[str, Path], no_token: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here, so its allocator's refusal is raised where the caches are allocated."""
+    def no_room(self, max_batch: int) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB. "
+                                          "GPU 0 has a total capacity of 23.5 GiB\nmore")
+
+    monkeypatch.setattr(CSM, "setup_caches", no_room)
+    settings = replace(settings_for(places), max_concurrency=64)
+    with pytest.raises(StartupError) as info:
+        load_engine(find_model(settings), settings)
+    message = str(info.value)
+    assert message.startswith("the GPU ran out of memory while the worker started (CUDA out "
+                              "of memory. Tried to allocate 4.00 GiB.")
+    per_row = TINY.cache_bytes_per_row(element_size=2) / 2**20
+    assert f"CSM_MAX_CONCURRENCY=64 jobs at once, each holding {per_row:.1f} MiB" in message
+    assert "lower CSM_MAX_CONCURRENCY" in message and "\n" not in message
+    assert "could not be loaded" not in message  # the folder is fine
 
 
 # ---- a download at start (the hub stubbed: hf_hub_download serves the tiny model) ---------------

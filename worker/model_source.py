@@ -31,11 +31,13 @@ from pathlib import Path
 from filelock import FileLock
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+import torch
 
 from builder.fetch_weights import (CODEC, CSM, CSM_REPO, WATERMARK, FetchError, failure_message,
                                    fetch, read_token)
 from csm.checkpoint import INDEX_FILES, SINGLE_FILES, find_weight_files
 from csm.codec import WEIGHTS_FILE as MIMI_FILE
+from csm.config import load_config
 from csm.engine import Engine
 from csm.frame_step import CompileError, GraphCaptureError
 from csm.presets import PRESETS
@@ -250,7 +252,23 @@ def load_engine(source: ModelSource, settings: Settings) -> Engine:
                            decoder_int8=settings.decoder_int8)
     except (GraphCaptureError, CompileError) as e:
         raise StartupError(str(e)) from e
+    except torch.cuda.OutOfMemoryError as e:  # the GPU's size, not the folder, is at fault
+        raise StartupError(out_of_memory(source, settings, e)) from e
     except Exception as e:  # noqa: BLE001 - any other failure means the folder can't serve
         log.debug("loading the model failed", exc_info=True)
         raise StartupError(f"the model from the {source.describe()} could not be loaded "
                            f"({type(e).__name__}: {e}); {source.remedy()}") from e
+
+
+def out_of_memory(source: ModelSource, settings: Settings, error: BaseException) -> str:
+    """What to change when the GPU can't hold the model and the rows it is built for."""
+    try:
+        per_row = load_config(source.folder).cache_bytes_per_row(element_size=2)  # bf16
+        rows = f", each holding {per_row / 2**20:.1f} MiB of keys and values"
+    except ValueError:  # an unreadable config.json: say what is known
+        rows = ""
+    return (f"the GPU ran out of memory while the worker started "
+            f"({str(error).splitlines()[0]}); its frame loop is built for "
+            f"CSM_MAX_CONCURRENCY={settings.max_concurrency} jobs at once{rows}: lower "
+            "CSM_MAX_CONCURRENCY, or use a GPU with more free memory")
+
