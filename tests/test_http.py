@@ -28,6 +28,7 @@ from worker.http_app import Runtime, create_app, serve
 from worker.openai_api import openai_job
 from worker.service import Worker
 from worker.settings import load_settings
+from worker.ws_speech import HISTORY
 from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, audio_b64, decode_with_ffmpeg,
                             free_port, handler_cmd, handler_env, run, stop, stream_wav_frames)
 
@@ -419,6 +420,27 @@ def test_websocket_sentences_are_spoken_with_the_ones_before_as_context(server, 
     (alone,) = spoken("How are you?")
     assert len(alone) == len(after_first[1]) == 240 * 24 * 2
     assert alone != after_first[1]
+    wait_idle(runtime)
+
+
+def test_a_websocket_keeps_its_last_eight_sentences_as_context(server, runtime, monkeypatch):
+    """A connection may speak for hours: what it keeps of its past is bounded."""
+    engine, histories = runtime.worker.engine, []
+    start = engine.start
+
+    def spy(request, deliver=None):
+        histories.append([segment.text for segment in request.history])
+        return start(request, deliver)
+
+    monkeypatch.setattr(engine, "start", spy)
+    texts = [f"Sentence {i}." for i in range(11)]
+    with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": 80, "watermark": False}))
+        ws.send(json.dumps({"type": "text", "text": " ".join(texts) + " "}))
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = ws_messages(ws, "done")
+        assert messages[-1]["sentences"] == 11
+    assert histories == [texts[max(0, i - HISTORY):i] for i in range(11)]
     wait_idle(runtime)
 
 
