@@ -453,3 +453,20 @@ def test_deployed_service_streams_and_aggregates(cloud_handler, sent):
     (result,) = sent["result"]
     assert result["output"] == streamed
     check_stream(streamed, "pcm", CAP_MS)
+
+
+def test_deployed_service_asks_for_a_new_worker_after_a_gpu_fault(model_dir, sent):
+    """The handler turns the worker's restart request into the SDK's `refresh_worker`, which
+    RunPod reads as `stopPod`. Its own import: the fault is for good."""
+    env = dict(LIMITS, CSM_MODEL_DIR=str(model_dir), CSM_DEVICE="cpu",
+               RUNPOD_WEBHOOK_GET_JOB="http://127.0.0.1:9/unused")
+    with imported_handler(env) as module:
+        module.worker.engine.model.frame_step = lambda *a: (_ for _ in ()).throw(
+            RuntimeError("CUDA error: an illegal memory access was encountered"))
+        try:
+            handle(module, {"text": "Hi.", "max_audio_length_ms": 160})
+        finally:
+            module.worker.engine.close()
+    (result,) = sent["result"]
+    assert result.get("stopPod") is True
+    assert "the GPU failed" in result["error"] and "restarts" in result["error"]
