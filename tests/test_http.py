@@ -44,17 +44,25 @@ ENV = {"CSM_DEVICE": "cpu", "CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CON
 LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer." for i in range(36))
 LONG = {"input": LONG_TEXT, "max_audio_length_ms": CAP_MS, "watermark": False}
 CALLER_KEY = [17, 200, 3, 99, 250]
+SEND_BUFFER = 32 * 1024
 
 
 class Server:
     """uvicorn serving `app` on 127.0.0.1 from a thread, as `python handler.py` would."""
 
     def __init__(self, app, max_size: int = BODY_LIMIT):
-        self.port = free_port()
+        self.socket = socket.socket()
+        # A small send buffer (inherited by each accepted connection), as on a path that
+        # buffers little: a client that stops reading is felt after a few sends, not after
+        # the kernel of this machine's loopback has taken megabytes.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", ws_max_size=max_size))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    ws_max_size=max_size))
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> "Server":
         self.thread.start()
@@ -67,6 +75,7 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +333,27 @@ def test_a_client_that_leaves_before_the_first_audio_frees_its_slot(server, runt
             assert time.monotonic() < deadline
             time.sleep(0.01)
     wait_idle(runtime)
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(server, runtime):
+    """A reader that stalls (a tiny receive window, then nothing read) holds its job only
+    until a send has waited CSM_SEND_TIMEOUT_S (5 s here): then the job is cancelled and the
+    slot freed, while the connection is still open."""
+    body = json.dumps(speech(**dict(LONG, response_format="pcm"))).encode()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", server.port))
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        assert s.recv(12) == b"HTTP/1.1 200"  # the audio has begun; now read nothing more
+        started = time.monotonic()
+        while runtime.admission.running and time.monotonic() - started < 60:
+            time.sleep(0.1)
+        stalled_s = time.monotonic() - started
+        assert runtime.admission.running == 0, "a stalled reader kept its slot for 60 s"
+        wait_idle(runtime)
+    assert 5 <= stalled_s < 15, stalled_s
 
 
 def test_overload_waits_then_is_a_503_with_retry_after_never_a_hang(server, runtime):
