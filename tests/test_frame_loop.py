@@ -266,7 +266,7 @@ def test_a_job_between_pieces_is_not_stepped_while_its_next_prompt_prefills(engi
     # The other job in slot 1, running; two in slot 0, inside the bucket that steps it.
     with scheduler.cond:
         filler = engine.start(request(ms=80))
-        other = engine.start(request(ms=120 * 80, seed=2))
+        other = engine.start(request(ms=40 * 80, seed=2))
     finishes(lambda: engine.finish(filler, list(filler.blocks())))
     two_job = engine.start(two)
     together = finishes(lambda: engine.finish(two_job, list(two_job.blocks())))
