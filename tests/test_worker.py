@@ -620,4 +620,3 @@ def test_a_task_cancelled_while_its_job_is_planned_cancels_the_job(worker, loop,
 
     assert run(loop, cancel_while_planning()), "the job ran on after its caller was gone"
     still_works(worker, loop)
-

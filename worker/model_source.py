@@ -271,4 +271,3 @@ def out_of_memory(source: ModelSource, settings: Settings, error: BaseException)
             f"({str(error).splitlines()[0]}); its frame loop is built for "
             f"CSM_MAX_CONCURRENCY={settings.max_concurrency} jobs at once{rows}: lower "
             "CSM_MAX_CONCURRENCY, or use a GPU with more free memory")
-
