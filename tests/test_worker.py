@@ -574,6 +574,20 @@ def test_closing_a_stream_frees_its_slot(worker, loop):
     wait_idle(worker, 3.0)
 
 
+def test_a_job_whose_event_loop_closed_frees_its_slot(worker, loop):
+    """A caller's event loop closed under a running job (a process shutting down, a harness
+    that drops its loop without closing its generators): no one is left to hear the job, so
+    it must end at its next block, not draw its frames for no one."""
+    own_loop = asyncio.new_event_loop()
+    gen = worker.run(dict(LONG_JOB, stream=True))  # held: never finalised, as when abandoned
+    first = own_loop.run_until_complete(gen.__anext__())
+    assert first["chunk_index"] == 0 and worker.engine.scheduler.active_jobs == 1
+    own_loop.close()
+    wait_idle(worker, 3.0)  # the rest of 19 s of audio would take far longer
+    still_works(worker, loop)
+    del gen
+
+
 def test_a_cancelled_task_frees_its_slot(worker, loop):
     async def cancel_mid_job():
         task = asyncio.ensure_future(complete(worker, LONG_JOB))

@@ -123,8 +123,13 @@ class Worker:
         loop = asyncio.get_running_loop()
 
         def deliver(event: object) -> None:
-            if not loop.is_closed():  # a job outliving its event loop has no one to tell
-                loop.call_soon_threadsafe(events.put_nowait, event)
+            if loop.is_closed():
+                # No one is left to hear the job: raising from its audio callback ends it at
+                # this block and frees its slot; its end event has nothing to end.
+                if isinstance(event, AudioBlock):
+                    raise RuntimeError("the job's event loop is closed")
+                return
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
         started = asyncio.ensure_future(asyncio.to_thread(
             lambda: self.engine.start(self.plan(request, fixed, history), deliver)))
