@@ -535,6 +535,57 @@ def test_a_gpu_fault_makes_ping_unhealthy_whichever_route_met_it(tiny_model_dir,
     runtime.worker.engine.close()
 
 
+MID_STREAM = {  # route: (path, body) of a streamed request, unmarked so audio leaves at once
+    "ndjson": ("/v1/generate", {"text": "Hello there.", "max_audio_length_ms": CAP_MS,
+                                "stream": True, "response_format": "pcm", "watermark": False}),
+    "sse": ("/v1/audio/speech", speech(stream_format="sse", max_audio_length_ms=CAP_MS,
+                                       watermark=False)),
+    "audio": ("/v1/audio/speech", speech(max_audio_length_ms=CAP_MS, watermark=False)),
+}
+
+
+@pytest.mark.parametrize("route", list(MID_STREAM))
+def test_a_gpu_fault_after_the_status_line_ends_the_body_with_the_error(tiny_model_dir, route):
+    """Once 200 and some audio went out, a fault can only be told in the body: NDJSON and SSE
+    end with an error item, raw audio breaks off (never a body that looks complete), and
+    /ping turns unhealthy. Its own server: the fault is for good."""
+    settings = load_settings(dict(ENV, CSM_MODEL_DIR=str(tiny_model_dir)))
+    runtime = Runtime(settings, Worker.start(settings))
+    model, steps = runtime.worker.engine.model, []
+    frame_step = model.frame_step
+
+    def fails_after_two_blocks(*args):
+        steps.append(None)
+        if len(steps) > 8:  # CHECK_EVERY = 4 frames a block
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return frame_step(*args)
+
+    model.frame_step = fails_after_two_blocks
+    path, body = MID_STREAM[route]
+    with Server(create_app(runtime)) as server:
+        with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            if route == "audio":
+                received = []
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for part in r.iter_bytes():
+                        received.append(part)
+                assert 0 < len(b"".join(received)) < 2 * CAP_MS * 24
+            else:
+                lines = [line for line in r.iter_lines() if line]
+        if route == "ndjson":
+            *audio, last = [json.loads(line) for line in lines]
+            assert audio and all(not item["final"] for item in audio)
+            assert set(last) == {"error"} and "the GPU failed" in last["error"]
+        elif route == "sse":
+            *audio, last = [json.loads(line[len("data: "):]) for line in lines]
+            assert audio and {e["type"] for e in audio} == {"speech.audio.delta"}
+            assert last["type"] == "error" and "the GPU failed" in last["error"]["message"]
+        ping = httpx.get(f"{server.url}/ping")
+        assert ping.status_code == 503 and "the GPU failed" in ping.json()["error"]
+    runtime.worker.engine.close()
+
+
 # ---- the queue mode's OpenAI jobs ---------------------------------------------------------------
 def test_queue_openai_jobs(runtime):
     worker = runtime.worker

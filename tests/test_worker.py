@@ -350,6 +350,28 @@ def test_watermark_fields_are_refused_unless_the_operator_allows_them(worker, lo
             "CSM_ALLOW_WATERMARK_OVERRIDE")
 
 
+@pytest.mark.parametrize("error, answer", [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"),
+     {"error": "a GPU fault ended this job; the worker restarts, retry it",
+      "refresh_worker": True}),
+    (ValueError("an unforeseen bug"),
+     {"error": "internal error (ValueError); the job was not completed"}),
+], ids=["cuda-error", "bug"])
+def test_a_fault_outside_the_frame_loop_is_one_clear_answer(worker, loop, monkeypatch,
+                                                            error, answer):
+    """Mimi encoding a caller's reference clip runs outside the frame loop: a CUDA error
+    there asks RunPod for a fresh worker all the same; any other fault is one {"error"}
+    naming its kind (never its text: it may quote the caller's data), and the worker goes on."""
+    def fails(*args):
+        raise error
+
+    monkeypatch.setattr(worker.engine.codec, "encode", fails)
+    clip = audio_b64(0.5, 24_000)
+    assert one(worker, loop, job({"text": "Ref.", "speaker": 0, "audio_base64": clip})) == answer
+    monkeypatch.undo()
+    still_works(worker, loop)
+
+
 # ---- verify_watermark ----------------------------------------------------------------------
 # Clips stay under 0.84 s here: on longer ones SilentCipher's phase-shift search runs its
 # decoder 205 times over the whole clip, minutes per second of audio on this CPU.

@@ -186,10 +186,6 @@ async def body_of(first: Any, items: AsyncIterator[Any], release: Callable[[], N
             await items.aclose()
 
 
-def _abort(_error: Exception) -> list[bytes | str]:
-    return []  # raw audio has no way to say it: the transfer breaks off instead
-
-
 async def streamed(runtime: Runtime, request: Request, items: AsyncIterator[Any],
                    release: Callable[[], None],
                    respond: Callable[[Any], Awaitable[Response]]) -> Response:
@@ -370,7 +366,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             def audio(chunk: Chunk) -> list[bytes]:
                 return [chunk.data] if chunk.data else []
 
-            return GuardedStream(body_of(first, items, release, audio, _abort),
+            def broken_off(error: Exception) -> list[bytes]:
+                runtime.failed(error)  # /ping must hear of a GPU fault all the same
+                return []  # raw audio has no way to say it: the transfer breaks off instead
+
+            return GuardedStream(body_of(first, items, release, audio, broken_off),
                                  settings.http.send_timeout_s, headers=headers,
                                  media_type=MEDIA_TYPES[parsed.response_format])
 
