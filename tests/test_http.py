@@ -491,6 +491,123 @@ def test_websocket_errors_are_clear(server, runtime):
         assert "not valid JSON" in json.loads(ws.recv(10))["message"]
 
 
+def ws_url(server: Server) -> str:
+    return f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream"
+
+
+def test_websocket_text_is_held_to_the_rules_of_a_request(server, runtime):
+    """A bad piece of text is an error that drops that piece, never the connection; what a
+    request refuses (a control character, too much text) is refused here too, and a sentence
+    of punctuation alone is skipped, not spoken as noise."""
+    with ws_connect(ws_url(server)) as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": 80, "watermark": False}))
+        ws_messages(ws, "ready")
+        for text, param, needle in [
+                (5, "text", "text: must be a string"),
+                ("Bad\u0000 one. ", "text", "control character U+0000"),
+                ("x" * 2001, "text", "2001 characters would wait to be spoken; the limit is 2000")]:
+            ws.send(json.dumps({"type": "text", "text": text}))
+            error = json.loads(ws.recv(10))
+            assert error["type"] == "error" and error["param"] == param, error
+            assert needle in error["message"], error
+        ws.send(json.dumps({"type": "text", "text": "... !!! Hello there. ?! "}))
+        ws.send(json.dumps({"type": "end"}))
+        messages, audio = ws_messages(ws, "done")
+    assert [m["text"] for m in messages if m["type"] == "sentence"] == ["Hello there."]
+    assert messages[-1] == {"type": "done", "sentences": 1, "duration_ms": 80.0}
+    assert len(audio) == 80 * 24 * 2
+    wait_idle(runtime)
+
+
+@pytest.mark.parametrize("first, second, needle", [
+    ({"type": "start", "speed": 1.5}, None, "speed: unknown field in start"),
+    ({"type": "start"}, {"type": "start"}, "start: only as the first message"),
+    (b"\x00\x01", None, "messages must be JSON text"),
+    ([1, 2], None, "a message must be a JSON object"),
+], ids=["unknown-field", "second-start", "binary", "not-an-object"])
+def test_websocket_protocol_errors_close_with_1008(server, runtime, first, second, needle):
+    with ws_connect(ws_url(server)) as ws:
+        for message in (first, second):
+            if isinstance(message, bytes):
+                ws.send(message)
+            elif message is not None:
+                ws.send(json.dumps(message))
+        messages, _ = ws_messages(ws, "error")
+        assert messages[-1]["type"] == "error" and needle in messages[-1]["message"], messages
+        with pytest.raises(Exception) as closed:
+            ws.recv(10)
+        assert closed.value.rcvd.code == 1008
+    wait_idle(runtime)
+
+
+def test_websocket_speaks_a_long_sentence_before_it_ends(server, runtime):
+    """A sentence longer than a piece (220 characters) is cut at a clause and spoken before
+    its end arrives: an LLM's run-on sentence doesn't hold up the audio."""
+    clauses = [f"clause number {i} goes on for a while" for i in range(12)]
+    with ws_connect(ws_url(server)) as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": 80, "watermark": False}))
+        ws.send(json.dumps({"type": "text", "text": ", ".join(clauses)}))  # no end yet
+        messages, _ = ws_messages(ws, "sentence.done")
+        spoken = [m["text"] for m in messages if m["type"] == "sentence"]
+        assert len(spoken) == 1 and 0 < len(spoken[0]) <= 220, spoken
+        assert spoken[0].endswith(",") and ", ".join(clauses).startswith(spoken[0])
+        ws.send(json.dumps({"type": "end"}))
+        rest, _ = ws_messages(ws, "done")
+    said = spoken + [m["text"] for m in rest if m["type"] == "sentence"]
+    assert " ".join(said) == ", ".join(clauses)  # every word once, in order
+    wait_idle(runtime)
+
+
+def test_a_websocket_meeting_a_full_server_closes_with_1013(server, runtime):
+    """The one slot busy and the one waiting place taken: a sentence can't wait, so the
+    connection is told to come back (1013), and the slot's holders are untouched."""
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=60,
+                      json=speech(**LONG)) as busy:
+        reading = busy.iter_bytes()
+        next(reading)
+        waiter = threading.Thread(target=lambda: httpx.post(
+            f"{server.url}/v1/audio/speech", timeout=30, json=speech(watermark=False)))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while runtime.admission.waiting == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with ws_connect(ws_url(server)) as ws:
+            ws.send(json.dumps({"type": "text", "text": "Hello there."}))
+            ws.send(json.dumps({"type": "flush"}))
+            messages, _ = ws_messages(ws, "error")
+            assert "at capacity" in messages[-1]["message"], messages
+            with pytest.raises(Exception) as closed:
+                ws.recv(10)
+            assert closed.value.rcvd.code == 1013
+        assert runtime.admission.running == 1 and next(reading)  # the stream goes on
+    waiter.join(30)
+    wait_idle(runtime)
+
+
+def test_a_websocket_client_that_stops_reading_frees_its_slot(server, runtime):
+    """As over HTTP: a client that reads nothing for CSM_SEND_TIMEOUT_S (5 s here) has its
+    speech cancelled and its slot freed."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    with ws_connect(ws_url(server), sock=sock, max_queue=1, ping_interval=None) as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": CAP_MS, "watermark": False}))
+        ws.send(json.dumps({"type": "text", "text": LONG_TEXT}))
+        ws.send(json.dumps({"type": "flush"}))
+        deadline = time.monotonic() + 10
+        while not runtime.admission.running:  # speaking has begun; now read nothing
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        while runtime.admission.running and time.monotonic() - started < 60:
+            time.sleep(0.1)
+        stalled_s = time.monotonic() - started
+        assert runtime.admission.running == 0, "a stalled reader kept its slot for 60 s"
+    wait_idle(runtime)
+    assert 5 <= stalled_s < 15, stalled_s
+
+
 def test_websocket_disconnect_frees_the_slot(server, runtime):
     with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
         ws.send(json.dumps({"type": "start", "max_audio_length_ms": CAP_MS, "watermark": False}))

@@ -43,9 +43,8 @@ Speaker = Annotated[StrictInt, Field(ge=0, le=MAX_SPEAKER)]
 _ALLOWED_CONTROLS = "\n\r\t"
 
 
-def _speakable(v: str) -> str:
-    """Text the model can speak: valid Unicode, no control characters, and at least one
-    letter or digit (CSM would otherwise make seconds of noise out of nothing)."""
+def check_characters(v: str) -> str:
+    """Valid Unicode with no control characters but line breaks and tabs (ValueError)."""
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800")
@@ -55,7 +54,17 @@ def _speakable(v: str) -> str:
     if control is not None:
         raise ValueError(f"holds the control character U+{ord(control):04X}; only line "
                          "breaks and tabs are allowed")
-    if v.strip() and not any(unicodedata.category(c)[0] in "LN" for c in v):
+    return v
+
+
+def has_words(v: str) -> bool:
+    """At least one letter or digit: CSM would otherwise make seconds of noise out of nothing."""
+    return any(unicodedata.category(c)[0] in "LN" for c in v)
+
+
+def _speakable(v: str) -> str:
+    check_characters(v)
+    if v.strip() and not has_words(v):
         raise ValueError("has nothing to speak (no letter or digit)")
     return v
 

@@ -9,7 +9,9 @@ what is buffered now, and `{"type": "end"}` to speak the rest and finish.
 Each sentence is spoken as soon as the text after it shows that it ended (csm.text_split
 decides, so "Dr." or "3.5" never end one; a long sentence is cut at a clause), in the
 connection's one voice, with the sentences spoken before it as conversation context (the
-oldest dropped first when the window runs short). The server answers with JSON:
+oldest dropped first when the window runs short). Text is held to a request's rules as it
+arrives (no control characters, at most CSM_MAX_TEXT_CHARS waiting); a sentence with no letter
+or digit is skipped. The server answers with JSON:
 `ready` once configured, `sentence` (index, text) before its audio, binary messages of audio as
 it is made (all of them together form one file of the chosen format), `sentence.done` with
 that sentence's summary, `error` (message, param; the connection stays open unless its close
@@ -35,7 +37,7 @@ from csm.text_split import sentences, split_text
 from .admission import Overloaded
 from .audio_io import MEDIA_TYPES
 from .openai_api import error_body
-from .schema import SpeechRequest, parse_request
+from .schema import SpeechRequest, check_characters, has_words, parse_request
 from .service import CALLER_ERRORS, PIECE_CHARS, Worker
 from .stream_encoder import StreamEncoder
 
@@ -271,6 +273,11 @@ async def take(session: Session, work: asyncio.Queue, kind: str, message: dict[s
         if not isinstance(text, str):
             await session.error("text: must be a string")
             return
+        try:
+            check_characters(text)
+        except ValueError as e:
+            await session.error(f"text: {e} (this text was dropped)")
+            return
         waiting = len(session.buffer.text) + session.queued_chars + len(text)
         limit = session.worker.settings.limits.max_text_chars
         if waiting > limit:
@@ -280,6 +287,7 @@ async def take(session: Session, work: asyncio.Queue, kind: str, message: dict[s
         pieces = session.buffer.add(text)
     else:
         pieces = session.buffer.drain()
-    for piece in pieces:
+    # A sentence of punctuation alone ("...") has nothing to speak: CSM would make noise.
+    for piece in filter(has_words, pieces):
         session.queued_chars += len(piece)
         work.put_nowait(piece)
