@@ -25,7 +25,7 @@ from builder import fetch_weights as fw
 from csm.config import TINY
 from csm.engine import Engine
 from csm.model import CSM
-from worker.model_source import find_model, load_engine
+from worker.model_source import ModelSource, find_model, load_engine
 from worker.settings import Settings, StartupError, load_settings
 
 REPO = "sesame/csm-1b"
@@ -216,6 +216,26 @@ def test_a_broken_model_folder_is_one_line_not_a_traceback(places: dict[str, Pat
     message = str(info.value)
     assert message.startswith(f"the model from the CSM_MODEL_DIR {broken} could not be loaded")
     assert "fetch_weights --dest" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind, remedy", [
+    ("image", "the image is broken: build it again"),
+    ("cached model", "check that CSM_MODEL_REPO names a CSM repo with the files of sesame/csm-1b"),
+    ("network volume", "delete {origin} to download it again (HF_TOKEN set)"),
+    ("download cache", "delete {origin} to download it again (HF_TOKEN set)"),
+])
+def test_a_broken_model_says_what_to_do_for_where_it_came_from(places: dict[str, Path],
+                                                                tiny_model_dir: Path,
+                                                                tmp_path: Path, kind: str,
+                                                                remedy: str) -> None:
+    broken = link_tree(tiny_model_dir, tmp_path / "broken", (*CSM_FILES, *IMAGE_PARTS))
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(StartupError) as info:
+        load_engine(ModelSource(kind, broken, broken), settings_for(places))
+    message = str(info.value)
+    assert message.startswith(f"the model from the {kind} {broken} could not be loaded"), message
+    assert message.endswith(remedy.format(origin=broken)) and "\n" not in message
 
 
 def test_out_of_gpu_memory_at_start_says_to_lower_the_concurrency(
