@@ -207,7 +207,8 @@ def test_the_worker_asks_for_a_restart_after_a_gpu_failure(engine, tmp_path, err
     from worker.settings import load_settings
 
     engine.model.frame_step = lambda *a: (_ for _ in ()).throw(error)
-    worker = Worker(engine, load_settings({"CSM_MODEL_DIR": str(tmp_path)}), presets={})
+    worker = Worker(engine, load_settings({"CSM_MODEL_DIR": str(tmp_path)}), presets={},
+                    default_voice="none")
     loop = asyncio.new_event_loop()
     try:
         for _ in range(2):  # the failing job, then a new one (refused after a device fault)

@@ -301,7 +301,7 @@ def test_settings_defaults():
         DEFAULT_MODEL_DIR, "sesame/csm-1b", "/runpod-volume")
     assert (str(s.hf_hub_cache), str(s.download_cache)) == (
         "/home/u/.cache/huggingface/hub", "/home/u/.cache/csm-runpod")
-    assert (s.voices_dir, s.default_voice) == (None, "conversational_a")
+    assert (s.voices_dir, s.default_voice) == (None, None)  # unset: see choose_default
     assert s.limits == Limits()
     assert s.watermark_key_is_public is True and len(s.watermark_key) == 5
     assert (s.log_level, s.max_concurrency, s.device) == ("INFO", 8, None)

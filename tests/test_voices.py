@@ -256,3 +256,32 @@ def test_a_broken_default_voice_stops_the_start_before_the_weights_load(
     with pytest.raises(StartupError, match="CSM_DEFAULT_VOICE=carol: no such voice; the voices "
                                            "are alice, broken, conversational_a"):
         Worker.start(replace(settings, default_voice="carol"))
+
+
+def test_without_the_preset_prompts_the_default_voice_is_none_unless_one_is_set(
+        tiny_model_dir: Path, tmp_path: Path, loop, caplog: pytest.LogCaptureFixture) -> None:
+    """A fine-tune without `prompts/` on the slim image (whose folder has none either) still
+    starts: the presets are skipped and, with CSM_DEFAULT_VOICE unset, requests that name no
+    voice get none. An operator who named a preset as the default is told it is missing."""
+    model = tmp_path / "finetune"
+    model.mkdir()
+    for part in tiny_model_dir.iterdir():
+        if part.name != "prompts":
+            (model / part.name).symlink_to(part)
+    env = {"CSM_MODEL_DIR": str(model), "CSM_DEVICE": "cpu", "CSM_MAX_CONCURRENCY": "2",
+           "CSM_BAKED_DIR": str(tmp_path / "slim-image-without-prompts")}
+    with caplog.at_level(logging.WARNING, logger="worker.voices"):
+        worker = Worker.start(load_settings(env))
+    try:
+        assert "the default voice is none: the preset conversational_a is unusable" in caplog.text
+        listed = run(loop, collect(worker, {"task": "list_voices"}))
+        assert listed == [{"task": "list_voices", "default": "none", "voices": []}]
+        (spoken,) = run(loop, collect(worker, {"text": "Hi.", "max_audio_length_ms": 160}))
+        assert spoken["duration_ms"] == 160, spoken
+        (refused,) = run(loop, collect(worker, {"text": "Hi.", "voice": "conversational_a"}))
+        assert "voice" in refused["error"], refused
+    finally:
+        worker.engine.close()
+    with pytest.raises(StartupError, match="the default voice conversational_a "
+                                           r"\(CSM_DEFAULT_VOICE\) is unusable: .*does not exist"):
+        Worker.start(load_settings(dict(env, CSM_DEFAULT_VOICE="conversational_a")))

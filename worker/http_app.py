@@ -304,7 +304,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         except RequestError as e:
             raise Refusal(400, str(e)) from None
         if isinstance(parsed, ListVoicesRequest):
-            return JSONResponse(voice_list(worker.presets, settings.default_voice))
+            return JSONResponse(voice_list(worker.presets, worker.default_voice))
         if isinstance(parsed, VerifyRequest):
             release = await admit(runtime)
             try:

@@ -38,7 +38,7 @@ from .schema import ListVoicesRequest, RequestError, SpeechRequest, VerifyReques
 from .settings import Settings
 from .stream_encoder import StreamEncoder
 from .timings import Timer
-from .voices import (NO_VOICE, check_default, read_voices, register_voices, voice_list,
+from .voices import (NO_VOICE, choose_default, read_voices, register_voices, voice_list,
                      voices_folder)
 from .watermarking import Marking, Watermarking
 
@@ -55,10 +55,12 @@ CALLER_ERRORS = (RequestError, AudioInputError, PromptTooLongError)
 
 
 class Worker:
-    def __init__(self, engine: Engine, settings: Settings, presets: dict[str, Segment]):
+    def __init__(self, engine: Engine, settings: Settings, presets: dict[str, Segment],
+                 default_voice: str):
         self.engine = engine
         self.settings = settings
         self.presets = presets
+        self.default_voice = default_voice  # of requests that name none (CSM_DEFAULT_VOICE)
         self.watermarking = Watermarking(engine.watermarker, settings)
 
     @classmethod
@@ -67,15 +69,14 @@ class Worker:
         source = find_model(settings)
         # Voices are read and checked before the weights load: a broken default fails fast.
         clips = read_voices(source.folder, voices_folder(settings, source.origin))
-        check_default(clips, settings.default_voice)
+        default = choose_default(clips, settings.default_voice)
         engine = load_engine(source, settings)
         started = time.perf_counter()
-        presets = register_voices(engine, clips, settings.default_voice)
+        presets = register_voices(engine, clips, default)
         engine.startup_ms["voices"] = 1000 * (time.perf_counter() - started)
         # One short job through every stage (lazy CUDA graphs in Mimi, cuBLAS handles,
         # SilentCipher) so that the first caller does not pay for them.
         started = time.perf_counter()
-        default = settings.default_voice
         warm = engine.generate(GenerationRequest(
             text="Warming up.", context=(presets[default],) if default != NO_VOICE else (),
             max_audio_length_ms=4 * 80))
@@ -88,7 +89,7 @@ class Worker:
                  engine.load_ms / 1000,
                  ", ".join(f"{k} {v / 1000:.1f} s" for k, v in engine.startup_ms.items()),
                  settings.max_concurrency)
-        return cls(engine, settings, presets)
+        return cls(engine, settings, presets, default)
 
     # ---- the service API ---------------------------------------------------------------
     async def speak(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
@@ -165,7 +166,7 @@ class Worker:
                 yield await asyncio.to_thread(self.verify, request)
                 return
             if isinstance(request, ListVoicesRequest):
-                yield voice_list(self.presets, self.settings.default_voice)
+                yield voice_list(self.presets, self.default_voice)
                 return
             stream = request.stream and allow_stream
             shape = chunk_item if stream else whole_response
@@ -214,7 +215,7 @@ class Worker:
     def voice(self, request: SpeechRequest) -> str:
         """The voice in the prompt: as asked, else none with the caller's own context, else the
         default voice (CSM_DEFAULT_VOICE)."""
-        return request.voice or (NO_VOICE if request.context else self.settings.default_voice)
+        return request.voice or (NO_VOICE if request.context else self.default_voice)
 
     def context_segments(self, request: SpeechRequest) -> tuple[Segment, ...]:
         """The preset voice (if any) followed by the caller's own turns, Mimi-encoded."""

@@ -72,7 +72,9 @@ class Settings:
     hf_hub_cache: Path = Path("~/.cache/huggingface/hub").expanduser()
     download_cache: Path = Path("~/.cache/csm-runpod").expanduser()
     voices_dir: Path | None = None
-    default_voice: str = DEFAULT_VOICE
+    # CSM_DEFAULT_VOICE; None (unset): DEFAULT_VOICE where the model has its prompt, else none
+    # (worker/voices.py, choose_default).
+    default_voice: str | None = None
     mode: str = "queue"  # CSM_MODE: "queue" (RunPod's job queue) or "http" (worker.http_app)
     allow_watermark_override: bool = False
     # CSM_CUDA_GRAPHS: None (auto: on CUDA), True (required: start-up fails without them) or
@@ -158,7 +160,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         hf_hub_cache=_path(env, "HF_HUB_CACHE") or hf_home / "hub",
         download_cache=(_path(env, "XDG_CACHE_HOME") or home / ".cache") / "csm-runpod",
         voices_dir=_path(env, "CSM_VOICES_DIR"),
-        default_voice=env.get("CSM_DEFAULT_VOICE") or DEFAULT_VOICE,
+        default_voice=env.get("CSM_DEFAULT_VOICE", "").strip() or None,
     )
 
 

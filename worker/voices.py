@@ -8,7 +8,8 @@ small manifest per voice, `NAME.json`:
 
 At start-up each is read and checked (errors name the file), Mimi-encoded and prefilled once,
 like the presets. A voice that fails is reported and skipped, unless it is the default voice
-(`CSM_DEFAULT_VOICE`): then the worker does not start. Clips far from a good reference (see the
+(`CSM_DEFAULT_VOICE`): then the worker does not start. Unset, the default is the first preset,
+or none where the model has no preset prompts. Clips far from a good reference (see the
 README) start with a warning.
 """
 
@@ -31,7 +32,7 @@ from csm.prompt import Segment
 
 from .audio_io import AudioInputError, read_audio
 from .schema import MAX_SPEAKER, describe_errors
-from .settings import Settings, StartupError
+from .settings import DEFAULT_VOICE, Settings, StartupError
 
 log = logging.getLogger("worker.voices")
 
@@ -171,6 +172,21 @@ def read_voices(model_folder: Path, folder: Path | None) -> dict[str, VoiceClip 
             log.warning("%s: no voice uses this clip (a voice is a NAME.json naming its audio, "
                         "transcript and speaker)", audio)
     return out
+
+
+def choose_default(clips: dict[str, VoiceClip | VoiceError], configured: str | None) -> str:
+    """The voice of requests that name none. A CSM_DEFAULT_VOICE that is set must exist and
+    have read cleanly (StartupError otherwise); unset, it is the first preset, or none where
+    the model lacks its prompt (a fine-tune without them, on the slim image)."""
+    if configured is not None:
+        check_default(clips, configured)
+        return configured
+    preset = clips.get(DEFAULT_VOICE)
+    if isinstance(preset, VoiceClip):
+        return DEFAULT_VOICE
+    log.warning("the default voice is none: the preset %s is unusable (%s); set "
+                "CSM_DEFAULT_VOICE to choose another", DEFAULT_VOICE, preset)
+    return NO_VOICE
 
 
 def check_default(clips: dict[str, VoiceClip | VoiceError], default: str) -> None:
