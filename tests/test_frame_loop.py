@@ -95,6 +95,20 @@ def test_a_job_at_the_window_edge_beside_a_longer_one(engine):
     assert torch.equal(engine.generate(edge).codes, got_edge.codes)  # batched == alone
 
 
+def test_a_row_that_would_write_past_the_window_is_refused_untouched(engine):
+    """The stepper's own guard, behind the piece builder's: a cache index past the window is
+    an out-of-range write, which on a GPU poisons the whole CUDA context."""
+    stepper = engine.scheduler.stepper
+    h = torch.zeros_like(stepper.h[0])
+    before = (stepper.position[0].item(), stepper.remaining[0].item())
+    with pytest.raises(ValueError, match="a piece of 5 frames after .* does not fit the "
+                                         f"{stepper.window}-position window"):
+        stepper.start(0, h, stepper.park_position - 4, 5, 0.9, 50, 1)
+    assert (stepper.position[0].item(), stepper.remaining[0].item()) == before
+    stepper.start(0, h, stepper.park_position - 4, 4, 0.9, 50, 1)  # the last that fits
+    stepper.park(0)
+
+
 def test_a_raising_consumer_fails_its_job_alone_and_the_loop_lives_on(engine):
     calls = []
 

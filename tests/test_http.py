@@ -258,9 +258,14 @@ def test_bodies_over_the_limit_are_refused(server):
     assert r.status_code == 413 and "CSM_MAX_BODY_BYTES" in r.json()["error"]
 
 
-def test_not_json_is_a_400(server):
-    r = httpx.post(f"{server.url}/v1/audio/speech", content=b"{not json")
-    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+@pytest.mark.parametrize("content, needle", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "the body must be a JSON object, got list"),
+    (b'{"model": "csm-1b", "voice": "conversational_a"}', "input: required"),
+], ids=["not-json", "not-an-object", "no-input"])
+def test_a_speech_body_that_is_no_request_is_a_400(server, content, needle):
+    r = httpx.post(f"{server.url}/v1/audio/speech", content=content)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
 
 # ---- per-request watermark control (allowed on this server) ----------------------------------

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from csm.text_split import split_text
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream
@@ -264,6 +266,16 @@ def test_silent_audio(worker, loop):
     silent = audio_b64(1.0, 24_000, amplitude=0.0)
     refused(worker, loop, job(ctx(audio_b64(0.5)), ctx(silent)), "context[1].audio_base64",
             "silent")
+
+
+def test_audio_with_nan_samples(worker, loop):
+    """A float WAV may carry NaN: Mimi would turn it into NaN codes' noise, or worse."""
+    samples = np.full(24_000, 0.25, dtype=np.float32)
+    samples[100] = np.nan
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 24_000, format="WAV", subtype="FLOAT")
+    refused(worker, loop, job(ctx(b64(buffer.getvalue()))), "context[0].audio_base64",
+            "NaN or infinite samples")
 
 
 def test_empty_audio(worker, loop):
