@@ -29,8 +29,9 @@ from worker.openai_api import openai_job
 from worker.service import Worker
 from worker.settings import load_settings
 from worker.ws_speech import HISTORY
-from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, audio_b64, decode_with_ffmpeg,
-                            free_port, handler_cmd, handler_env, run, stop, stream_wav_frames)
+from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, audio_b64, decode_bytes,
+                            decode_with_ffmpeg, free_port, handler_cmd, handler_env, run, stop,
+                            stream_wav_frames)
 
 CAP_MS = 8000
 BODY_LIMIT = 300_000
@@ -429,6 +430,25 @@ def test_websocket_speaks_each_sentence_as_it_completes(server, runtime):
         assert rest[-1] == {"type": "done", "sentences": 3, "duration_ms": 480.0}
         # every binary message together: one WAV file, one header
         assert len(stream_wav_frames(audio + more)) == 3 * 160 * 24
+    wait_idle(runtime)
+
+
+@pytest.mark.parametrize("fmt", ["flac", "ogg"])
+def test_a_websocket_in_a_compressed_format_sends_one_whole_file(server, runtime, fmt):
+    """An encoder that holds bytes back (FFmpeg's FLAC, libsndfile's Ogg pages) sends them when
+    the connection ends: every binary message together decodes to all of the speech."""
+    with ws_connect(ws_url(server)) as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": 160, "seed": 3,
+                            "response_format": fmt}))
+        ready, _ = ws_messages(ws, "ready")
+        assert ready[-1]["format"] == fmt
+        ws.send(json.dumps({"type": "text", "text": "Hello there. How are you?"}))
+        ws.send(json.dumps({"type": "end"}))
+        messages, audio = ws_messages(ws, "done")
+    assert messages[-1] == {"type": "done", "sentences": 2, "duration_ms": 320.0}
+    # a streamed FLAC's length says "unknown": libsndfile can't read it, FFmpeg can
+    samples, rate = decode_with_ffmpeg(audio) if fmt == "flac" else decode_bytes(audio, fmt)
+    assert rate == SAMPLE_RATE and len(samples) == 2 * 160 * 24
     wait_idle(runtime)
 
 
