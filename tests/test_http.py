@@ -309,6 +309,9 @@ def test_native_api_answers_like_the_queue(server):
     assert sum(len(base64.b64decode(i["audio_base64"])) for i in items) == 2 * 1200 * 24
     r = httpx.post(f"{server.url}/v1/generate", json={"text": "Hi.", "topk": 0})
     assert r.status_code == 400 and r.json()["error"].startswith("topk:")
+    r = httpx.post(f"{server.url}/v1/generate", json={"task": "list_voices"})
+    assert r.status_code == 200 and r.json()["default"] == "conversational_a"
+    assert [v["name"] for v in r.json()["voices"]] == ["conversational_a", "conversational_b"]
     # clips under 0.84 s: SilentCipher's phase search is slow on a CPU (see test_worker)
     r = httpx.post(f"{server.url}/v1/generate", timeout=60, json={
         "task": "verify_watermark", "audio_base64": audio_b64(0.3, 24_000)})
