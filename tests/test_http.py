@@ -586,9 +586,15 @@ def test_websocket_speaks_a_long_sentence_before_it_ends(server, runtime):
     wait_idle(runtime)
 
 
-def test_a_websocket_meeting_a_full_server_closes_with_1013(server, runtime):
-    """The one slot busy and the one waiting place taken: a sentence can't wait, so the
-    connection is told to come back (1013), and the slot's holders are untouched."""
+@pytest.mark.parametrize("asks", ["a sentence", "its reference clip encoded"])
+def test_a_websocket_meeting_a_full_server_closes_with_1013(server, runtime, monkeypatch, asks):
+    """The one slot busy and the one waiting place taken: neither a sentence nor the Mimi
+    encoding of a `start`'s reference clip (GPU work too) can wait, so the connection is told
+    to come back (1013), nothing is encoded, and the slot's holder is untouched."""
+    encoded = []
+    segment = runtime.worker.engine.segment
+    monkeypatch.setattr(runtime.worker.engine, "segment",
+                        lambda *args: encoded.append(None) or segment(*args))
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=60,
                       json=speech(**LONG)) as busy:
         reading = busy.iter_bytes()
@@ -601,15 +607,23 @@ def test_a_websocket_meeting_a_full_server_closes_with_1013(server, runtime):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with ws_connect(ws_url(server)) as ws:
-            ws.send(json.dumps({"type": "text", "text": "Hello there."}))
-            ws.send(json.dumps({"type": "flush"}))
+            if asks == "a sentence":
+                ws.send(json.dumps({"type": "text", "text": "Hello there."}))
+                ws.send(json.dumps({"type": "flush"}))
+            else:
+                ws.send(json.dumps({"type": "start", "context": [
+                    {"text": "Ref.", "speaker": 0, "audio_base64": audio_b64(1.0, 24_000)}]}))
             messages, _ = ws_messages(ws, "error")
+            # configured (ready) only once its clips are encoded: never here
+            ready = ["ready"] if asks == "a sentence" else []
+            assert [m["type"] for m in messages] == [*ready, "error"], messages
             assert "at capacity" in messages[-1]["message"], messages
             with pytest.raises(Exception) as closed:
                 ws.recv(10)
             assert closed.value.rcvd.code == 1013
         assert runtime.admission.running == 1 and next(reading)  # the stream goes on
     waiter.join(30)
+    assert encoded == []
     wait_idle(runtime)
 
 

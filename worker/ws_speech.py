@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -138,7 +139,12 @@ class Session:
             template = parse_request(payload, self.worker.settings.limits,
                                      self.worker.voice_names)
             self.worker.watermarking.marking(template.watermark, template.watermark_key)
-            self.fixed = await asyncio.to_thread(self.worker.context_segments, template)
+            # Mimi-encoding the caller's clips is GPU work like a sentence's: it takes a slot.
+            release = await self.slot() if template.context else (lambda: None)
+            try:
+                self.fixed = await asyncio.to_thread(self.worker.context_segments, template)
+            finally:
+                release()
         except CALLER_ERRORS as e:
             raise Closing(str(e), POLICY_VIOLATION) from None
         self.template = template.model_copy(update={
@@ -163,13 +169,17 @@ class Session:
                          "duration_ms": round(1000 * self.samples / SAMPLE_RATE, 3)})
         await self.websocket.close()
 
-    async def speak(self, text: str) -> None:
-        index, self.sentences = self.sentences, self.sentences + 1
+    async def slot(self) -> Callable[[], None]:
+        """One of the server's job slots (its release), or Closing with 1013 when it is full."""
         try:
-            release = await self.runtime.admission.acquire()
+            return await self.runtime.admission.acquire()
         except Overloaded as e:
             raise Closing(f"the server is at capacity ({e}); reconnect after "
                           f"{e.retry_after_s} s", TRY_AGAIN_LATER) from None
+
+    async def speak(self, text: str) -> None:
+        index, self.sentences = self.sentences, self.sentences + 1
+        release = await self.slot()
         try:
             request = self.template.model_copy(update={"text": text})
             await self.send({"type": "sentence", "index": index, "text": text})
