@@ -12,17 +12,21 @@ import base64
 import io
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from csm.text_split import split_text
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream
+from worker.audio_io import MAX_BYTES_PER_SECOND, encode_audio
 from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
 from worker.settings import load_settings
+from worker.stream_encoder import StreamEncoder
 from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME,
                             assert_same_audio, audio_b64, audio_file, b64, collect, complete,
                             decode_audio, decode_bytes, decode_with_ffmpeg, run,
@@ -382,6 +386,45 @@ def test_a_fault_outside_the_frame_loop_is_one_clear_answer(worker, loop, monkey
     assert one(worker, loop, job({"text": "Ref.", "speaker": 0, "audio_base64": clip})) == answer
     monkeypatch.undo()
     still_works(worker, loop)
+
+
+@pytest.mark.parametrize("fmt", sorted(MAX_BYTES_PER_SECOND))
+def test_no_encoder_exceeds_the_bytes_per_second_a_result_is_sized_by(fmt):
+    """The queue mode refuses a job from its worst case (below): that holds only while no
+    format encodes to more than MAX_BYTES_PER_SECOND, whole or streamed. White noise at full
+    scale is the hardest input for a codec."""
+    noise = (torch.rand(3 * SAMPLE_RATE, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    encoder = StreamEncoder(fmt, SAMPLE_RATE)
+    streamed = sum(len(encoder.push(noise[i:i + 7680])) for i in range(0, len(noise), 7680))
+    streamed += len(encoder.close())
+    whole = len(encode_audio(noise, SAMPLE_RATE, fmt))
+    header = 1_000  # a container's header and an encoder's priming
+    assert max(whole, streamed) <= 3 * MAX_BYTES_PER_SECOND[fmt] + header, (whole, streamed)
+
+
+def test_a_queue_job_whose_result_could_outgrow_runpods_limit_is_refused_at_once(
+        worker, loop, monkeypatch):
+    """RunPod's API refuses a job's result over about 20 MB, and the audio made for it is then
+    lost: the queue mode refuses such a job before spending GPU time on it, from its worst
+    case (every piece at its max_audio_length_ms, the format's most bytes per second), and
+    says what to change. The HTTP mode streams without the limit."""
+    limits = replace(worker.settings.limits, max_result_bytes=200_000)
+    monkeypatch.setattr(worker, "settings", replace(worker.settings, limits=limits))
+    started = worker.engine.start
+    monkeypatch.setattr(worker.engine, "start", lambda *a: pytest.fail("the job was started"))
+    turns = [{"text": f"Turn {i}.", "speaker": 0} for i in range(4)]  # up to 4 x 0.8 s
+    big = {"turns": turns, "max_audio_length_ms": 800, "seed": 1, "response_format": "wav"}
+    for payload in (big, dict(big, stream=True)):
+        (answer,) = run(loop, collect(worker, payload))
+        error = answer["error"]
+        assert error.startswith("response_format: 3 s of wav audio at most"), error
+        assert "0.208 MB as base64, over the 0.2 MB a queue job can return" in error, error
+        assert "CSM_MAX_RESULT_BYTES" in error and "mp3 or opus" in error
+    monkeypatch.setattr(worker.engine, "start", started)
+    small = good(worker, loop, dict(big, response_format="opus"))  # 3.2 s of opus: 27 kB
+    assert len(small["audio_base64"]) < limits.max_result_bytes
+    monkeypatch.setattr(worker, "settings", replace(worker.settings, mode="http"))
+    assert "audio_base64" in one(worker, loop, dict(big, max_audio_length_ms=160))
 
 
 # ---- verify_watermark ----------------------------------------------------------------------

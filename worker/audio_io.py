@@ -29,6 +29,12 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "pcm": ("RAW", "PCM_16"),
 }
+# Bytes per second of 24 kHz mono audio from our encoders, at most: measured on full-scale
+# white noise (the hardest input for a codec), whole and streamed, over 3 s and 20 s on
+# 2026-12-07 (the larger: flac 50.9 kB/s, mp3 8.1, aac 8.2, ogg 7.7, opus 4.8), rounded up;
+# tests/test_worker.py holds the encoders to it.
+MAX_BYTES_PER_SECOND = {"wav": 48_000, "pcm": 48_000, "flac": 52_000, "mp3": 9_000,
+                        "aac": 9_000, "ogg": 8_500, "opus": 5_500}
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
                "opus": "audio/ogg; codecs=opus", "mp3": "audio/mpeg", "aac": "audio/aac",
                "pcm": "audio/L16; rate=24000; channels=1"}

@@ -29,8 +29,8 @@ from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, Genera
 from csm.prompt import Segment
 from csm.text_split import split_text
 
-from .audio_io import (AudioInputError, audio_seconds, decode_base64, encode_audio,
-                       read_audio)
+from .audio_io import (MAX_BYTES_PER_SECOND, AudioInputError, audio_seconds, decode_base64,
+                       encode_audio, read_audio)
 from .chunk import Chunk
 from .model_source import find_model, load_engine
 from .responses import chunk_item, whole_response
@@ -48,6 +48,8 @@ log = logging.getLogger("worker")
 # slow speech, and a bound on the long silent tails CSM sometimes makes instead of ending.
 AUTO_MS_PER_CHAR = 100
 AUTO_MS_BASE = 3000
+# A result's JSON besides its audio: a streamed item's fields, about 3 items a second.
+ITEM_OVERHEAD_BYTES_PER_SECOND = 1_000
 # Longer text is spoken as pieces of about this many characters (see csm/text_split.py).
 PIECE_CHARS = 220
 # What a caller's mistake raises: answered with its message, the worker carries on.
@@ -265,13 +267,31 @@ class Worker:
 
     def plan(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
              history: tuple[Segment, ...] = ()) -> GenerationRequest:
-        first, *rest = self.utterances(request)
+        first, *rest = utterances = self.utterances(request)
+        if self.settings.mode == "queue":
+            self.check_result_size(request, utterances)
         context = self.context_segments(request) if fixed is None else fixed
         seed = self.seeded(request).seed
         return GenerationRequest(
             text=first.text, speaker=first.speaker, then=tuple(rest),
             max_audio_length_ms=first.max_audio_length_ms, context=context, history=history,
             temperature=float(request.temperature), topk=request.topk, seed=seed)
+
+    def check_result_size(self, request: SpeechRequest, utterances: list[Utterance]) -> None:
+        """Refuse, before any GPU time is spent, a queue job whose result could outgrow what
+        RunPod's API returns (its audio would be lost after it was made)."""
+        limit = self.settings.limits.max_result_bytes
+        seconds = sum(u.max_audio_length_ms for u in utterances) / 1000
+        per_second = (4 / 3 * MAX_BYTES_PER_SECOND[request.response_format]  # base64
+                      + ITEM_OVERHEAD_BYTES_PER_SECOND)
+        if seconds * per_second > limit:
+            raise RequestError(
+                f"response_format: {seconds:.0f} s of {request.response_format} audio at most "
+                f"(each piece's max_audio_length_ms, added up) could come to "
+                f"{seconds * per_second / 1e6:.3g} MB as base64, over the {limit / 1e6:.3g} MB a "
+                f"queue job can return (CSM_MAX_RESULT_BYTES); ask for mp3 or opus (5 to 10 "
+                "times smaller), a lower max_audio_length_ms, or less text per job, or use the "
+                "HTTP mode, which streams without this limit")
 
     # ---- engine events -> chunks -------------------------------------------------------
     @staticmethod

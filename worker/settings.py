@@ -38,6 +38,9 @@ class Limits:
     max_audio_length_ms: int = 90_000
     max_turns: int = 32
     max_verify_seconds: float = 10.0  # of the audio verify_watermark reads
+    # What one queue job may return (its audio as base64, streamed chunks together): RunPod's
+    # API refuses larger results (about 20 MB), and the job's audio is then lost.
+    max_result_bytes: int = 20_000_000
 
 
 @dataclass(frozen=True)
