@@ -573,6 +573,15 @@ def test_long_text_is_spoken_in_pieces(worker, loop):
     check_length(r, 80 * len(pieces))
 
 
+def test_a_piece_of_punctuation_alone_is_not_spoken(worker):
+    """A full piece followed by "?!" leaves that as a piece of its own, with nothing to speak
+    (CSM would make noise of it): the job is the full piece alone."""
+    first = "word " * 43 + "end."  # 219 characters: no room for " ?!" beside it
+    assert split_text(f"{first} ?!", PIECE_CHARS) == [first, "?!"]
+    plan = worker.plan(parse_request({"text": f"{first} ?!", "seed": 1}, worker.settings.limits))
+    assert (plan.text, plan.then) == (first, ())
+
+
 # ---- concurrency ---------------------------------------------------------------------------
 CONCURRENT = [
     {"text": "First of six.", "max_audio_length_ms": 160, "seed": 100},

@@ -34,7 +34,8 @@ from .audio_io import (MAX_BYTES_PER_SECOND, AudioInputError, audio_seconds, dec
 from .chunk import Chunk
 from .model_source import find_model, load_engine
 from .responses import chunk_item, whole_response
-from .schema import ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest, parse_request
+from .schema import (ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest, has_words,
+                     parse_request)
 from .settings import Settings
 from .stream_encoder import StreamEncoder
 from .timings import Timer
@@ -251,7 +252,9 @@ class Worker:
                  else [(t.speaker, t.text) for t in request.turns])
         out = []
         for speaker, text in turns:
-            for piece in split_text(text, PIECE_CHARS):
+            # A piece of punctuation alone ("?!" left over after a full piece) has nothing to
+            # speak: CSM would make noise of it.
+            for piece in filter(has_words, split_text(text, PIECE_CHARS)):
                 ms = request.max_audio_length_ms or min(
                     AUTO_MS_BASE + AUTO_MS_PER_CHAR * len(piece),
                     self.settings.limits.max_audio_length_ms)
