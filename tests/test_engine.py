@@ -242,7 +242,9 @@ def test_every_attention_call_is_one_a_fused_cuda_kernel_takes(tiny_model_dir, d
                for q, k, q_dtype, mask, gqa in seen.calls), set(seen.calls)
 
 
-@pytest.mark.parametrize("positions", [510, 512, 1022])
+# 508: a block's last position is a span's last; 509: its last step is the span's first
+# position past it (the block needs the next span from that step on)
+@pytest.mark.parametrize("positions", [508, 509, 510, 512, 1022])
 @torch.inference_mode()
 def test_a_job_crossing_key_spans_draws_the_whole_window_codes(engine, plain_model, positions):
     """Attention reads only the key span that holds the rows' positions (512, 1024, ...):
@@ -374,6 +376,34 @@ def test_given_history_is_dropped_oldest_first_and_the_job_runs(engine):
     assert 1800 < len(tokens) < 2048 - 2
     kept = set(tokens[:, 0].tolist()) - {0}  # codebook 0 of the kept turns' frames
     assert kept == {3, 4, 5, 6, 7, 8}  # the newest six turns fit; the oldest went first
+
+
+@torch.inference_mode()
+def test_a_piece_that_ends_mid_block_beside_a_longer_row_keeps_mimi_in_step(engine, voice):
+    """Beside a longer row a block runs on after a piece's last frame: that row's Mimi state
+    must not advance on the block's later (invalid) frames, or the next piece's audio would
+    no longer be one decode of the job's codes."""
+    longer = engine.start(request(voice, seed=1, ms=2400, text="A longer job beside it.",
+                                  stop_at_end_frame=False))
+    pieces = engine.start(request(voice, seed=2, ms=6 * 80, text="First piece.",
+                                  then=(Utterance(0, "Second piece.", 6 * 80),),
+                                  stop_at_end_frame=False))
+    result = engine.finish(pieces, list(pieces.blocks()))
+    engine.finish(longer, list(longer.blocks()))
+    assert result.frames == 12  # 6 and 6: the first piece ends two frames into a block of 4
+    whole = engine.codec.decode(result.codes).cpu()
+    assert (result.audio - whole).abs().max() < 1e-5
+
+
+def test_a_block_steps_no_further_than_its_longest_row_needs(engine, voice, monkeypatch):
+    """A job of 6 frames takes 6 steps (a block of 4, then one of 2), not 8: a step past every
+    row's last frame is a whole frame's GPU time for nothing."""
+    steps = []
+    step = engine.scheduler.stepper.step
+    monkeypatch.setattr(engine.scheduler.stepper, "step",
+                        lambda n, keys: steps.append(n) or step(n, keys))
+    result = engine.generate(request(voice, seed=3, ms=6 * 80, stop_at_end_frame=False))
+    assert result.frames == 6 and len(steps) == 6
 
 
 def test_multi_utterance_job_is_continuous_across_pieces(engine, voice):
