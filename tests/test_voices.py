@@ -18,7 +18,7 @@ from csm.model import CSM
 from worker.schema import parse_request
 from worker.service import Worker
 from worker.settings import StartupError, load_settings
-from worker.voices import VoiceError, read_manifest, voices_folder
+from worker.voices import VoiceError, encode, read_manifest, voices_folder
 from worker_helpers import collect, run, tone
 
 def words(seconds: float) -> str:
@@ -189,7 +189,30 @@ def test_the_broken_voice_is_reported_and_skipped(started, voices_dir: Path) -> 
                       "transcript: Field required"]
     assert any(line.startswith("WARNING") and "stray.flac: no voice uses this clip" in line
                for line in lines)
+    # broken.wav has its manifest: that voice is reported above, not its clip as a stray
+    assert not any("broken.wav: no voice uses this clip" in line for line in lines)
     assert "INFO voices: alice, conversational_a, conversational_b (default alice)" in lines
+
+
+def test_a_voice_that_leaves_under_10_s_of_the_window_is_refused(started, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """A voice is in every prompt that uses it: one that leaves less than 125 frames (10 s)
+    of the window for speech is refused, naming its file (a small window stands in for the
+    2048 positions that a 150 s clip would fill)."""
+    worker, _, _ = started
+    clip = read_manifest(write_voice(tmp_path, "long", seconds=6.0))  # 75 frames
+    positions = len(worker.engine.tokenizer.encode_turn(5, clip.transcript)) + 75 + 1
+    # this engine has served jobs, so no prefix can be added: only the room is checked here
+    monkeypatch.setattr(worker.engine, "register_prefix", lambda segment: None)
+    for window, fits in ((positions + 124, False), (positions + 125, True)):
+        monkeypatch.setattr(type(worker.engine), "max_positions", property(lambda _: window))
+        if fits:
+            assert encode(worker.engine, clip).codes.shape[1] == 75
+            continue
+        with pytest.raises(VoiceError, match=f"long.json: the voice takes {positions} of the "
+                                             f"model's {window} positions, leaving room for "
+                                             "less than 10 s of speech"):
+            encode(worker.engine, clip)
 
 
 def test_the_worker_lists_its_voices(started, loop) -> None:
