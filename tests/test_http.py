@@ -259,6 +259,17 @@ def test_bodies_over_the_limit_are_refused(server):
     assert r.status_code == 413 and "CSM_MAX_BODY_BYTES" in r.json()["error"]
 
 
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(server):
+    """A Content-Length over CSM_MAX_BODY_BYTES is answered 413 at once: the server neither
+    waits for nor reads a body it would refuse."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: 1000000000\r\n\r\n")
+        answer = s.recv(65536)  # no body was sent: a server waiting for it times out here
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert f"over {BODY_LIMIT} bytes".encode() in answer
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "the body must be a JSON object, got list"),
@@ -549,6 +560,25 @@ def test_websocket_text_is_held_to_the_rules_of_a_request(server, runtime):
     assert [m["text"] for m in messages if m["type"] == "sentence"] == ["Hello there."]
     assert messages[-1] == {"type": "done", "sentences": 1, "duration_ms": 80.0}
     assert len(audio) == 80 * 24 * 2
+    wait_idle(runtime)
+
+
+def test_a_websocket_may_speak_more_than_the_text_limit_over_its_life(server, runtime):
+    """CSM_MAX_TEXT_CHARS (2000 here) caps the text waiting to be spoken, not what a
+    connection speaks in all: text spoken no longer counts."""
+    sentence = "This sentence is here to add up to more text than the limit allows. "  # 68
+    with ws_connect(ws_url(server)) as ws:
+        ws.send(json.dumps({"type": "start", "max_audio_length_ms": 80, "watermark": False}))
+        ws_messages(ws, "ready")
+        for _ in range(3):  # 3 x 1360 characters, each batch spoken before the next is sent
+            ws.send(json.dumps({"type": "text", "text": sentence * 20}))
+            ws.send(json.dumps({"type": "flush"}))
+            for _ in range(20):
+                messages, _ = ws_messages(ws, "sentence.done")
+                assert messages[-1]["type"] == "sentence.done", messages
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = ws_messages(ws, "done")
+    assert messages[-1]["sentences"] == 60
     wait_idle(runtime)
 
 
