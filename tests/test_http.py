@@ -18,10 +18,8 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import openai
 import pytest
-import uvicorn
 from websockets.sync.client import connect as ws_connect
 
 from worker.http_app import Runtime, create_app, serve
@@ -29,6 +27,7 @@ from worker.openai_api import openai_job
 from worker.service import Worker
 from worker.settings import load_settings
 from worker.ws_speech import HISTORY
+from http_helpers import Server, pcm, wait_idle, ws_messages
 from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, audio_b64, decode_bytes,
                             decode_with_ffmpeg, free_port, handler_cmd, handler_env, run, stop,
                             stream_wav_frames)
@@ -45,38 +44,6 @@ ENV = {"CSM_DEVICE": "cpu", "CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CON
 LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer." for i in range(36))
 LONG = {"input": LONG_TEXT, "max_audio_length_ms": CAP_MS, "watermark": False}
 CALLER_KEY = [17, 200, 3, 99, 250]
-SEND_BUFFER = 32 * 1024
-
-
-class Server:
-    """uvicorn serving `app` on 127.0.0.1 from a thread, as `python handler.py` would."""
-
-    def __init__(self, app, max_size: int = BODY_LIMIT):
-        self.socket = socket.socket()
-        # A small send buffer (inherited by each accepted connection), as on a path that
-        # buffers little: a client that stops reading is felt after a few sends, not after
-        # the kernel of this machine's loopback has taken megabytes.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    ws_max_size=max_size))
-        self.thread = threading.Thread(target=self.server.run,
-                                       kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "no server"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +54,7 @@ def runtime(tiny_model_dir) -> Runtime:
 
 @pytest.fixture(scope="module")
 def server(runtime) -> Iterator[Server]:
-    with Server(create_app(runtime)) as server:
+    with Server(create_app(runtime), BODY_LIMIT) as server:
         yield server
 
 
@@ -98,26 +65,11 @@ def client(server) -> openai.OpenAI:
                          timeout=60)
 
 
-def wait_idle(runtime: Runtime, seconds: float = 3.0) -> None:
-    """No job in the engine and no slot held: what a freed slot looks like."""
-    deadline = time.monotonic() + seconds
-    while (runtime.worker.engine.scheduler.active_jobs or runtime.admission.running) \
-            and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert runtime.worker.engine.scheduler.active_jobs == 0
-    assert runtime.admission.running == 0
-
-
 def speech(**fields) -> dict:
     body = {"model": "csm-1b", "input": "Hello there.", "voice": "conversational_a",
             "response_format": "pcm", "max_audio_length_ms": 480, "seed": 5}
     body.update(fields)
     return body
-
-
-def pcm(data: bytes) -> np.ndarray:
-    assert len(data) % 2 == 0
-    return np.frombuffer(data, dtype="<i2")
 
 
 # ---- health and listings ------------------------------------------------------------------------
@@ -134,7 +86,7 @@ def test_ping_models_and_voices(server, runtime):
 def test_while_the_model_loads(runtime):
     """RunPod's contract: /ping answers 204 until the worker is ready; work waits with 503."""
     loading = Runtime(runtime.settings)
-    with Server(create_app(loading)) as server:
+    with Server(create_app(loading), BODY_LIMIT) as server:
         assert httpx.get(f"{server.url}/ping").status_code == 204
         r = httpx.post(f"{server.url}/v1/audio/speech", json=speech())
         assert r.status_code == 503 and r.headers["Retry-After"] == "10"
@@ -413,19 +365,6 @@ def test_overload_waits_then_is_a_503_with_retry_after_never_a_hang(server, runt
 
 
 # ---- the WebSocket -------------------------------------------------------------------------------
-def ws_messages(ws, until: str) -> tuple[list[dict], bytes]:
-    """JSON messages and audio bytes received up to and including the message `until`."""
-    messages, audio = [], b""
-    while True:
-        message = ws.recv(30)
-        if isinstance(message, bytes):
-            audio += message
-            continue
-        messages.append(json.loads(message))
-        if messages[-1]["type"] in (until, "error"):
-            return messages, audio
-
-
 def test_websocket_speaks_each_sentence_as_it_completes(server, runtime):
     with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
         ws.send(json.dumps({"type": "start", "voice": "conversational_b", "seed": 4,
@@ -702,7 +641,7 @@ def test_a_gpu_fault_makes_ping_unhealthy_whichever_route_met_it(tiny_model_dir,
     runtime = Runtime(settings, Worker.start(settings))
     runtime.worker.engine.model.frame_step = lambda *a: (_ for _ in ()).throw(
         RuntimeError("CUDA error: an illegal memory access was encountered"))
-    with Server(create_app(runtime)) as server:
+    with Server(create_app(runtime), BODY_LIMIT) as server:
         assert httpx.get(f"{server.url}/ping").status_code == 200
         if route == "websocket":
             with ws_connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream") as ws:
@@ -752,7 +691,7 @@ def test_a_gpu_fault_after_the_status_line_ends_the_body_with_the_error(tiny_mod
 
     model.frame_step = fails_after_two_blocks
     path, body = MID_STREAM[route]
-    with Server(create_app(runtime)) as server:
+    with Server(create_app(runtime), BODY_LIMIT) as server:
         with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=30) as r:
             assert r.status_code == 200
             if route == "audio":
