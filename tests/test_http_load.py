@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,7 +59,7 @@ def runtime(tiny_model_dir) -> Runtime:
 
 
 @pytest.fixture(scope="module")
-def server(runtime) -> Server:
+def server(runtime) -> Iterator[Server]:
     with Server(create_app(runtime), 1_000_000) as server:
         yield server
 
