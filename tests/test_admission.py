@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from worker.admission import Admission, Overloaded
+from worker.shutdown import ShuttingDown
 
 
 def test_slots_then_waiting_places_then_refusal():
@@ -52,5 +53,26 @@ def test_no_waiting_places_refuses_at_once():
         await gate.acquire()
         with pytest.raises(Overloaded):
             await asyncio.wait_for(gate.acquire(), 0.1)
+
+    asyncio.run(scenario())
+
+
+def test_close_refuses_the_waiting_and_the_new_at_once():
+    """What a drain needs: nothing starts after close, however long it would have waited."""
+    async def scenario():
+        gate = Admission(slots=1, max_waiting=4, timeout_s=30)
+        release = await gate.acquire()
+        waiters = [asyncio.ensure_future(gate.acquire()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert gate.waiting == 3
+        gate.close("stopping")
+        for waiter in waiters:
+            with pytest.raises(ShuttingDown, match="stopping"):
+                await asyncio.wait_for(waiter, 0.5)
+        with pytest.raises(ShuttingDown, match="stopping"):
+            await gate.acquire()
+        assert (gate.running, gate.waiting) == (1, 0)  # the running job keeps its slot
+        release()
+        assert gate.running == 0
 
     asyncio.run(scenario())

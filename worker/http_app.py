@@ -12,6 +12,7 @@ Every response that makes audio holds one of the admission gate's slots while it
 first chunk (or the request's error) is awaited before the status line goes out, so caller
 mistakes are 400s, not broken streams, and the first-audio time can be sent as a header. A
 client that disconnects, or stops reading for CSM_SEND_TIMEOUT_S, cancels its job at once.
+SIGTERM drains the server before it stops (worker/shutdown.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .responses import chunk_item, whole_response
 from .schema import ListVoicesRequest, RequestError, VerifyRequest, parse_request
 from .service import CALLER_ERRORS, Worker
 from .settings import Settings, StartupError
+from .shutdown import UVICORN_CLOSE_S, DrainingServer, Shutdown, ShuttingDown
 from .startup import report_startup_error
 from .voices import voice_list
 from .ws_speech import speak_over_websocket
@@ -47,7 +49,8 @@ LOADING_RETRY_AFTER_S = 10
 
 
 class Runtime:
-    """What the routes share: the worker (None while it loads) and the admission gate."""
+    """What the routes share: the worker (None while it loads), the admission gate and the
+    stopping state."""
 
     def __init__(self, settings: Settings, worker: Worker | None = None):
         self.settings = settings
@@ -56,10 +59,23 @@ class Runtime:
         http = settings.http
         self.admission = Admission(settings.max_concurrency, http.max_queued,
                                    http.queue_timeout_s)
+        self.shutdown = Shutdown(http.shutdown_grace_s)
+        self.sessions = 0  # WebSocket connections open (speaking or waiting for text)
+
+    def busy(self) -> dict[str, int]:
+        """What a drain waits for: slots held (a job, or a WebSocket session's sentence) and
+        WebSocket sessions open."""
+        return {"jobs": self.admission.running, "WebSocket sessions": self.sessions}
+
+    async def drain(self) -> None:
+        self.admission.close("the worker is shutting down; retry on another worker")
+        await self.shutdown.drain(self.busy)
 
     def failed(self, error: Exception) -> str:
         """What to tell the caller of a fault inside the worker; after one that needs a fresh
         worker (a GPU fault), /ping reports unhealthy from then on, so RunPod replaces it."""
+        if isinstance(error, ShuttingDown):
+            return str(error)  # the drain's cut-off, logged once by the drain
         answer = Worker.failure(error)
         if answer.get("refresh_worker"):
             self.broken = answer["error"]
@@ -97,10 +113,17 @@ async def read_json(request: Request) -> Any:
 async def admit(runtime: Runtime) -> Callable[[], None]:
     try:
         return await runtime.admission.acquire()
+    except ShuttingDown as e:
+        raise stopping_refusal(e) from None
     except Overloaded as e:
         raise Refusal(503, f"the server is at capacity ({e}); retry after "
                       f"{e.retry_after_s} s", {"Retry-After": str(e.retry_after_s)},
                       "server_error") from None
+
+
+def stopping_refusal(error: ShuttingDown) -> Refusal:
+    return Refusal(503, str(error), {"Retry-After": str(Overloaded.retry_after_s)},
+                   "server_error")
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -126,6 +149,8 @@ async def first_item(items: AsyncIterator[Any], request: Request, runtime: Runti
         return nxt.result()
     except CALLER_ERRORS as e:
         raise Refusal(400, str(e)) from None
+    except ShuttingDown as e:
+        raise stopping_refusal(e) from None
     except Exception as e:  # noqa: BLE001 - answered, logged, and the worker carries on
         raise server_fault(runtime, e) from None
 
@@ -158,6 +183,8 @@ class GuardedStream(StreamingResponse):
         except TimeoutError:
             log.warning("a client read nothing for %g s: its job was cancelled",
                         self.send_timeout_s)
+        except ShuttingDown:
+            pass  # raw audio cut off by the drain: the transfer breaks off (the drain logs it)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
@@ -267,6 +294,9 @@ def ping_route(runtime: Runtime) -> Callable[[], Awaitable[Response]]:
 def ping(runtime: Runtime) -> Response:
     if runtime.broken:
         return JSONResponse({"status": "unhealthy", "error": runtime.broken}, status_code=503)
+    if runtime.shutdown.stopping:
+        return JSONResponse({"status": "stopping", "running": runtime.admission.running},
+                            status_code=503)
     if runtime.worker is None:
         return Response(status_code=204)  # RunPod: initializing
     return JSONResponse({"status": "healthy", "running": runtime.admission.running,
@@ -315,7 +345,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 release()
         release = await admit(runtime)
         fmt = parsed.response_format
-        items = worker.speak(parsed)
+        items = runtime.shutdown.until_cut_off(worker.speak(parsed))
 
         async def respond(first: Chunk) -> Response:
             if not parsed.stream:
@@ -343,7 +373,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise Refusal(400, str(e)) from None
         release = await admit(runtime)
         received = asyncio.get_running_loop().time()
-        items = worker.speak(parsed)
+        items = runtime.shutdown.until_cut_off(worker.speak(parsed))
 
         async def respond(first: Chunk) -> Response:
             first_ms = 1000 * (asyncio.get_running_loop().time() - received)
@@ -394,11 +424,12 @@ async def _serve(settings: Settings) -> int:
     runtime = Runtime(settings)
     http = settings.http
     apps = [health_app(runtime)] if http.health_port != http.port else []
-    servers = [uvicorn.Server(uvicorn.Config(app, host=http.host, port=port,
-                                             ws_max_size=http.max_body_bytes,
-                                             log_level=settings.log_level.lower()))
-               for app, port in [*((a, http.health_port) for a in apps),
-                                 (create_app(runtime), http.port)]]
+    servers = [server(uvicorn.Config(app, host=http.host, port=port,
+                                     ws_max_size=http.max_body_bytes,
+                                     timeout_graceful_shutdown=UVICORN_CLOSE_S,
+                                     log_level=settings.log_level.lower()))
+               for server, app, port in [*((uvicorn.Server, a, http.health_port) for a in apps),
+                                         (DrainingServer, create_app(runtime), http.port)]]
     # The main server starts last, so the signal handlers it installs are the ones that stop it.
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
@@ -411,6 +442,7 @@ async def _serve(settings: Settings) -> int:
         code = 1
     else:
         code = 0
+        servers[-1].drain_on_signal(runtime.drain)
         await tasks[-1]  # until the main server stops
     for server in servers:
         server.should_exit = True

@@ -57,6 +57,9 @@ class HttpSettings:
     max_body_bytes: int = 12 * 1024 * 1024
     # A client that reads nothing for this long is cut off and its job cancelled.
     send_timeout_s: float = 30.0
+    # SIGTERM: how long running jobs may go on before they are cut off (worker/shutdown.py);
+    # keep it a few seconds under the platform's stop timeout (Kubernetes 30 s, docker stop 10 s).
+    shutdown_grace_s: float = 25.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ def _http_settings(env: dict[str, str]) -> HttpSettings:
         max_queued=int(queued) if queued else d.max_queued,
         queue_timeout_s=_number(env, "CSM_QUEUE_TIMEOUT_S", d.queue_timeout_s, float),
         max_body_bytes=int(_number(env, "CSM_MAX_BODY_BYTES", d.max_body_bytes, int)),
-        send_timeout_s=_number(env, "CSM_SEND_TIMEOUT_S", d.send_timeout_s, float))
+        send_timeout_s=_number(env, "CSM_SEND_TIMEOUT_S", d.send_timeout_s, float),
+        shutdown_grace_s=_number(env, "CSM_SHUTDOWN_GRACE_S", d.shutdown_grace_s, float))
 
 
 def _redact(message: str) -> str:

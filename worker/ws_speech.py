@@ -15,7 +15,8 @@ or digit is skipped. The server answers with JSON:
 `ready` once configured, `sentence` (index, text) before its audio, binary messages of audio as
 it is made (all of them together form one file of the chosen format), `sentence.done` with
 that sentence's summary, `error` (message, param; the connection stays open unless its close
-code follows), and `done` before a normal close.
+code follows), and `done` before a normal close. When the server stops (worker/shutdown.py), a
+session finishes the sentence it is speaking and closes with 1012 (service restart).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .audio_io import MEDIA_TYPES
 from .openai_api import error_body
 from .schema import SpeechRequest, check_characters, has_words, parse_request
 from .service import CALLER_ERRORS, PIECE_CHARS, Worker
+from .shutdown import ShuttingDown
 from .stream_encoder import StreamEncoder
 
 log = logging.getLogger("worker.ws")
@@ -48,7 +50,9 @@ SESSION_FIELDS = ("voice", "speaker", "context", "temperature", "topk", "seed",
                   "max_audio_length_ms", "response_format", "watermark", "watermark_key")
 # Sentences kept as context for the next one (the window may hold fewer; see Worker.plan).
 HISTORY = 8
-POLICY_VIOLATION, TRY_AGAIN_LATER, SERVER_ERROR = 1008, 1013, 1011
+POLICY_VIOLATION, SERVER_ERROR, SERVICE_RESTART, TRY_AGAIN_LATER = 1008, 1011, 1012, 1013
+# Queued when the server starts stopping: wakes a speaker waiting for text to see it.
+WAKE = ""
 
 
 class Stalled(Exception):
@@ -158,21 +162,32 @@ class Session:
 
     # ---- speaking ----------------------------------------------------------------------------
     async def speak_all(self, work: asyncio.Queue) -> None:
-        """Speaks queued pieces in order until None; then finishes the file and says done."""
+        """Speaks queued pieces in order until None; then finishes the file and says done.
+        Once the server stops, it speaks no further piece: the file ends where it is."""
         while (text := await work.get()) is not None:
+            if self.runtime.shutdown.stopping:
+                await self.finish_file()
+                raise Closing(f"the worker is shutting down: sentences from index "
+                              f"{self.sentences} on were not spoken; reconnect to speak them",
+                              SERVICE_RESTART)
             await self.speak(text)
             self.queued_chars -= len(text)
-        tail = self.encoder.close()
-        if tail:
-            await self.send(tail)
+        await self.finish_file()
         await self.send({"type": "done", "sentences": self.spoken,
                          "duration_ms": round(1000 * self.samples / SAMPLE_RATE, 3)})
         await self.websocket.close()
+
+    async def finish_file(self) -> None:
+        tail = self.encoder.close() if self.encoder else b""
+        if tail:
+            await self.send(tail)
 
     async def slot(self) -> Callable[[], None]:
         """One of the server's job slots (its release), or Closing with 1013 when it is full."""
         try:
             return await self.runtime.admission.acquire()
+        except ShuttingDown as e:
+            raise Closing(str(e), SERVICE_RESTART) from None
         except Overloaded as e:
             raise Closing(f"the server is at capacity ({e}); reconnect after "
                           f"{e.retry_after_s} s", TRY_AGAIN_LATER) from None
@@ -183,8 +198,8 @@ class Session:
         try:
             request = self.template.model_copy(update={"text": text})
             await self.send({"type": "sentence", "index": index, "text": text})
-            chunks = self.worker.speak(request, fixed=self.fixed, history=tuple(self.history),
-                                       encoder=self.encoder)
+            chunks = self.runtime.shutdown.until_cut_off(self.worker.speak(
+                request, fixed=self.fixed, history=tuple(self.history), encoder=self.encoder))
             async with aclosing(chunks):
                 async for chunk in chunks:
                     if chunk.data:
@@ -197,6 +212,8 @@ class Session:
             return
         except GONE:
             raise
+        except ShuttingDown as e:
+            raise Closing(str(e), SERVICE_RESTART) from None
         except Exception as e:  # noqa: BLE001 - reported; the worker carries on
             raise Closing(self.runtime.failed(e), SERVER_ERROR) from None
         finally:
@@ -215,10 +232,18 @@ async def speak_over_websocket(websocket: WebSocket, runtime: Any) -> None:
             "the model is still loading; reconnect shortly")))
         await websocket.close(TRY_AGAIN_LATER)
         return
+    if runtime.shutdown.stopping:
+        await websocket.send_text(json.dumps(error_message(
+            "the worker is shutting down; connect again (to another worker)")))
+        await websocket.close(SERVICE_RESTART)
+        return
     session = Session(websocket, runtime.worker, runtime)
     work: asyncio.Queue = asyncio.Queue()
     reading = asyncio.create_task(read_all(session, work))
     speaking = asyncio.create_task(session.speak_all(work))
+    stop = asyncio.create_task(runtime.shutdown.asked.wait())
+    stop.add_done_callback(lambda done: done.cancelled() or work.put_nowait(WAKE))
+    runtime.sessions += 1
     try:
         # Reading ends at `end` (speaking then finishes the rest), or either fails first.
         await asyncio.wait({reading, speaking}, return_when=asyncio.FIRST_EXCEPTION)
@@ -235,9 +260,10 @@ async def speak_over_websocket(websocket: WebSocket, runtime: Any) -> None:
     except GONE:
         pass  # the client left: stop speaking at once (below)
     finally:
-        for task in (reading, speaking):
+        for task in (reading, speaking, stop):
             task.cancel()  # cancels the sentence being spoken, freeing its slot
-        await asyncio.gather(reading, speaking, return_exceptions=True)
+        await asyncio.gather(reading, speaking, stop, return_exceptions=True)
+        runtime.sessions -= 1
 
 
 async def read_all(session: Session, work: asyncio.Queue) -> None:
