@@ -105,6 +105,12 @@ def read_ndjson(h: Handler, body: dict, started: threading.Event) -> list[dict]:
     return lines
 
 
+def read_whole(h: Handler, body: dict, started: threading.Event) -> httpx.Response:
+    """A native job answered in one piece: nothing to see until it ends (`started` at once)."""
+    started.set()
+    return httpx.post(f"{h.url}/v1/generate", json=body, timeout=120)
+
+
 def read_raw(h: Handler, body: dict, started: threading.Event) -> tuple[bytes, Exception | None]:
     audio = b""
     try:
@@ -228,10 +234,11 @@ def test_sigterm_lets_running_jobs_finish_then_exits_0(tiny_model_dir):
 
 
 def test_jobs_that_outlast_the_grace_period_are_cut_off_with_an_error(tiny_model_dir):
-    """Four long jobs, a 1 s grace: SSE ends with an `error` event, NDJSON with an error line,
-    the WebSocket with close 1012, raw audio breaks off; the process exits 0 within seconds."""
-    with ThreadPoolExecutor(4) as pool, Handler(tiny_model_dir, grace_s=1) as h:
-        started = [threading.Event() for _ in range(4)]
+    """Five long jobs, a 1 s grace: SSE ends with an `error` event, NDJSON with an error line,
+    the WebSocket with close 1012, a whole answer is a 503, raw audio breaks off; the process
+    exits 0 within seconds."""
+    with ThreadPoolExecutor(5) as pool, Handler(tiny_model_dir, grace_s=1) as h:
+        started = [threading.Event() for _ in range(5)]
         sse = pool.submit(read_sse, h, speech(), started[0])
         native = {"text": LONG_TEXT, "voice": "conversational_a", "response_format": "pcm",
                   "max_audio_length_ms": 8000, "seed": 8, "stream": True}
@@ -239,7 +246,9 @@ def test_jobs_that_outlast_the_grace_period_are_cut_off_with_an_error(tiny_model
         raw = pool.submit(read_raw, h, speech(), started[2])
         ws = pool.submit(read_ws, h, {"max_audio_length_ms": 8000}, LONG_TEXT[:200],
                          started[3])
-        all_started(started, [sse, ndjson, raw, ws])
+        whole = pool.submit(read_whole, h, {**native, "stream": False}, started[4])
+        all_started(started, [sse, ndjson, raw, ws, whole])
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{h.health}/ping").json()["running"] == 5)
         signalled = h.term()
 
         cut_off = "cut off after the 1 s it is given to finish (CSM_SHUTDOWN_GRACE_S)"
@@ -252,11 +261,13 @@ def test_jobs_that_outlast_the_grace_period_are_cut_off_with_an_error(tiny_model
         assert isinstance(error, httpx.RemoteProtocolError) and audio
         messages, _, code = ws.result(30)
         assert code == SERVICE_RESTART and cut_off in messages[-1]["message"]
+        answer = whole.result(30)
+        assert answer.status_code == 503 and cut_off in answer.json()["error"]
 
         assert h.wait(30) == 0
     # 1 s of grace, then at most 2 s for the cut-off jobs to end and 3 s for uvicorn.
     assert time.monotonic() - signalled < 8
-    assert "cutting off 4 jobs, 1 WebSocket sessions still running after 1 s" in h.log
+    assert "cutting off 5 jobs, 1 WebSocket sessions still running after 1 s" in h.log
 
 
 def test_a_second_sigterm_stops_at_once(tiny_model_dir):
