@@ -294,10 +294,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, runtime):
     wait_idle(runtime)  # closed after its first block: cancelled, not finished
 
 
-def test_a_client_that_leaves_before_the_first_audio_frees_its_slot(server, runtime):
-    body = json.dumps(speech(**LONG)).encode()
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/generate"])
+def test_a_client_that_leaves_before_the_first_audio_frees_its_slot(server, runtime, path):
+    """Streamed, or whole (the native API without `stream`: its first item is the whole
+    job, so only cancelling the wait for it frees the slot in time)."""
+    native = {"text": LONG_TEXT, "max_audio_length_ms": CAP_MS, "watermark": False}
+    body = json.dumps(speech(**LONG) if path == "/v1/audio/speech" else native).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
                   b"application/json\r\nContent-Length: " + str(len(body)).encode() +
                   b"\r\n\r\n" + body)
         deadline = time.monotonic() + 5

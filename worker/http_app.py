@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -38,7 +37,7 @@ from .responses import chunk_item, whole_response
 from .schema import ListVoicesRequest, RequestError, VerifyRequest, parse_request
 from .service import CALLER_ERRORS, Worker
 from .settings import Settings, StartupError
-from .shutdown import UVICORN_CLOSE_S, DrainingServer, Shutdown, ShuttingDown
+from .shutdown import UVICORN_CLOSE_S, DrainingServer, Shutdown, ShuttingDown, next_unless
 from .startup import report_startup_error
 from .voices import voice_list
 from .ws_speech import speak_over_websocket
@@ -133,16 +132,11 @@ async def wait_disconnect(request: Request) -> None:
 
 async def first_item(items: AsyncIterator[Any], request: Request, runtime: Runtime) -> Any:
     """The first item of a job, raced against the client leaving; errors become Refusals."""
-    nxt = asyncio.ensure_future(anext(items))
     gone = asyncio.ensure_future(wait_disconnect(request))
     try:
-        await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+        nxt = await next_unless(items, gone)  # the client left (or the server stops)
     finally:
         gone.cancel()
-        if not nxt.done():  # the client left (or the server stops): stop the job's step
-            nxt.cancel()
-            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                await nxt
     if nxt.cancelled():
         raise ClientGone
     try:

@@ -38,6 +38,20 @@ SETTLE_S = 2.0
 UVICORN_CLOSE_S = 3.0
 
 
+async def next_unless(items: AsyncIterator[T], other: asyncio.Future) -> asyncio.Future:
+    """The future of `items`' next item, raced against `other`: cancelled (its step stopped
+    and awaited) when `other` ends first or this wait is itself cancelled."""
+    nxt = asyncio.ensure_future(anext(items))
+    try:
+        await asyncio.wait({nxt, other}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
+    return nxt
+
+
 class ShuttingDown(Exception):
     """The worker is stopping: this job can't run (or run on) here; retry it on another."""
 
@@ -85,14 +99,7 @@ class Shutdown:
             cut = asyncio.ensure_future(self.cut.wait())
             try:
                 while True:
-                    nxt = asyncio.ensure_future(anext(items))
-                    try:
-                        await asyncio.wait({nxt, cut}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        if not nxt.done():  # cut off (or this body cancelled): stop the job
-                            nxt.cancel()
-                            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                                await nxt
+                    nxt = await next_unless(items, cut)
                     if nxt.cancelled():
                         raise self.cut_off_error()
                     try:
@@ -118,7 +125,7 @@ class DrainingServer(uvicorn.Server):
         self._drain: Callable[[], Awaitable[None]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
-        self._drain_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None  # held: the loop keeps tasks weakly
 
     def drain_on_signal(self, drain: Callable[[], Awaitable[None]]) -> None:
         """From now on a signal drains first (call this on the server's event loop)."""
