@@ -111,6 +111,17 @@ def run_stream(where: Endpoint, body: dict) -> Iterator[dict]:
             return
 
 
+def audio_of(item: dict) -> bytes:
+    """An item's audio: in it as base64, or (a whole result too large to return, from a worker
+    with a bucket) behind its `audio_url`, a presigned link that needs no key."""
+    if "audio_url" not in item:
+        return base64.b64decode(item["audio_base64"])
+    reply = requests.get(item["audio_url"], timeout=600)
+    if reply.status_code != 200:
+        sys.exit(f"could not fetch the audio (HTTP {reply.status_code}) from its URL")
+    return reply.content
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,7 +156,7 @@ def main() -> None:
     try:
         with args.out.open("wb") as f:
             for item in items:
-                f.write(base64.b64decode(item["audio_base64"]))
+                f.write(audio_of(item))
                 if item.get("final", True):
                     summary = {k: v for k, v in item.items() if k != "audio_base64"}
                     print(json.dumps(summary, indent=1))

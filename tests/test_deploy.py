@@ -118,7 +118,8 @@ INVALID = {
     "zero idle timeout": (_set("idle_timeout_s", 0), "idle_timeout_s"),
     "old CUDA": (_set("allowed_cuda_versions", ["12.4"]), "CUDA 12.4 is too old"),
     "missing watermark key": (_delete("env.CSM_WATERMARK_KEY"), "missing CSM_WATERMARK_KEY"),
-    "literal HF token": (_set("env.HF_TOKEN", "hf_abc"), "HF_TOKEN must be a RunPod secret reference"),
+    "literal bucket key": (_set("env.BUCKET_SECRET_ACCESS_KEY", "abc123"),
+                           "BUCKET_SECRET_ACCESS_KEY must be a RunPod secret reference"),
     "quote in env": (_set("env.CSM_LOG_LEVEL", 'IN"FO'), "quote"),
     "bad concurrency": (_set("env.CSM_MAX_CONCURRENCY", "0"), "CSM_MAX_CONCURRENCY"),
     "two GPUs": (_set("gpu_count", 2), "gpu_count"),
@@ -337,7 +338,7 @@ def test_hub_listing_agrees_with_runpod_yaml() -> None:
     # The Hub builds the slim image: nothing pins the model folder, the user brings the model.
     assert "CSM_MODEL_DIR" not in env
     assert env["CSM_MODEL_REPO"]["input"]["default"] == "sesame/csm-1b"
-    for secret in ("CSM_WATERMARK_KEY", "HF_TOKEN"):
+    for secret in ("CSM_WATERMARK_KEY", "HF_TOKEN", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"):
         assert "value" not in env[secret] and env[secret]["input"]["default"] == "", secret
 
 

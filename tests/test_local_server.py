@@ -26,8 +26,8 @@ import pytest
 import requests
 
 from worker_helpers import (REPO, SAMPLE_RATE, assert_same_audio, audio_file, decode_audio,
-                            decode_bytes, free_port, handler_cmd, handler_env,
-                            imported_handler, stop, stream_wav_frames)
+                            decode_bytes, handler_env, imported_handler,
+                            rp_api_server, stream_wav_frames)
 
 CAP_MS = 1200
 LIMITS = {"CSM_MAX_AUDIO_LENGTH_MS": str(CAP_MS), "CSM_MAX_CONCURRENCY": "8",
@@ -44,33 +44,10 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    """The server's base URL; the process is always stopped (terminate, then kill)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            handler_cmd("--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
-                        str(port)),
-            env=handler_env(model_dir, **LIMITS), stdout=log, stderr=subprocess.STDOUT,
-            cwd=tmp_path_factory.mktemp("server-cwd"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                if requests.get(url + "/", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer in 90 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
+    """The server's base URL."""
+    with rp_api_server(handler_env(model_dir, **LIMITS), tmp_path_factory.mktemp("server-cwd"),
+                       tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        stop(proc)
-        assert proc.poll() is not None
 
 
 def post(url: str, path: str, body=None, session=None, timeout=120) -> requests.Response:

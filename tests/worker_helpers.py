@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,39 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
+
+
+@contextlib.contextmanager
+def rp_api_server(env: dict[str, str], cwd: Path, log_path: Path):
+    """`python handler.py --rp_serve_api` on a free port of 127.0.0.1, its base URL yielded
+    once it answers; the process is always stopped (terminate, then kill)."""
+    import pytest
+    import requests
+
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            handler_cmd("--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
+                        str(port)),
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}):\n{log_path.read_text()}")
+            try:
+                if requests.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer in 90 s:\n{log_path.read_text()}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        stop(proc)
+        assert proc.poll() is not None
 
 
 def start_up_error(model_dir: Path, monkeypatch: Any, caplog: Any, **env: str) -> str:

@@ -33,7 +33,8 @@ from .admission import Admission, Overloaded
 from .audio_io import MEDIA_TYPES
 from .chunk import Chunk
 from .openai_api import error_body, models_list, parse_speech, sse, sse_events
-from .responses import chunk_item, whole_response
+from .responses import chunk_item
+from .result_store import ResultStoreError
 from .schema import ListVoicesRequest, RequestError, VerifyRequest, parse_request
 from .service import CALLER_ERRORS, Worker
 from .settings import Settings, StartupError
@@ -343,7 +344,10 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         async def respond(first: Chunk) -> Response:
             if not parsed.stream:
-                return JSONResponse(whole_response(first, fmt))
+                try:
+                    return JSONResponse(await worker.whole_answer(first, parsed))
+                except ResultStoreError as e:
+                    raise server_fault(runtime, e) from None
 
             def line(chunk: Chunk) -> list[str]:
                 return [json.dumps(chunk_item(chunk, fmt)) + "\n"]

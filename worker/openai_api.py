@@ -17,7 +17,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from .chunk import Chunk
-from .responses import to_base64, whole_response
+from .responses import to_base64
 from .schema import FORMATS, RequestError, SpeechRequest, parse_request
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ async def openai_job(worker: "Worker", payload: dict[str, Any],
                     for event in sse_events(chunk, request, worker):
                         yield event
                 else:
-                    yield whole_response(chunk, request.response_format)
+                    yield await worker.whole_answer(chunk, request)
 
     async with aclosing(worker.guarded(items())) as answers:
         async for answer in answers:

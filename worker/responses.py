@@ -1,5 +1,5 @@
-"""The native JSON API's shapes (queue jobs and HTTP `/v1/generate`): a whole response, or
-one item per streamed chunk, audio as base64."""
+"""The native JSON API's shapes (queue jobs and HTTP `/v1/generate`): a whole response (its
+audio as base64, or as a URL into the worker's bucket), or one item per streamed chunk."""
 
 from __future__ import annotations
 
@@ -9,11 +9,21 @@ from csm.codec import SAMPLE_RATE
 
 from .audio_io import MEDIA_TYPES, to_base64
 from .chunk import Chunk
+from .result_store import StoredResult
 
 
 def whole_response(chunk: Chunk, fmt: str) -> dict[str, Any]:
     return {"audio_base64": to_base64(chunk.data), "format": fmt, "media_type": MEDIA_TYPES[fmt],
             **chunk.summary}
+
+
+def stored_response(chunk: Chunk, fmt: str, stored: StoredResult,
+                    upload_ms: float) -> dict[str, Any]:
+    """A whole response whose audio waits in the bucket, fetched with a GET on `audio_url`."""
+    timings = {**chunk.summary["timings"], "upload_ms": round(upload_ms, 3)}
+    return {"audio_url": stored.url, "audio_url_expires_at": stored.expires_at,
+            "audio_bytes": len(chunk.data), "format": fmt, "media_type": MEDIA_TYPES[fmt],
+            **chunk.summary, "timings": timings}
 
 
 def chunk_item(chunk: Chunk, fmt: str) -> dict[str, Any]:

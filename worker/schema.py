@@ -110,6 +110,9 @@ class SpeechRequest(_Strict):
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     response_format: Literal["wav", "flac", "ogg", "opus", "mp3", "aac", "pcm"] = "wav"
     stream: StrictBool = False
+    # How a whole response carries its audio: as base64, or as a URL into the worker's bucket
+    # (auto: a URL only where base64 would outgrow what a queue job can return).
+    delivery: Literal["auto", "base64", "url"] = "auto"
     # Per-request watermark control: refused unless the operator allows it (see
     # worker.watermarking).
     watermark: StrictBool | None = None
@@ -131,6 +134,9 @@ class SpeechRequest(_Strict):
                              + (f"; got {', '.join(given)}" if given else ""))
         if self.turns is not None and (self.speaker is not None):
             raise ValueError("speaker: not allowed with turns (each turn has its speaker)")
+        if self.stream and self.delivery == "url":
+            raise ValueError("delivery: 'url' is for whole responses; a streamed response's "
+                             "chunks carry their audio (set stream to false)")
         if self.turns is not None and not self.turns:
             raise ValueError("turns: must not be empty")
         words = self.text if self.text is not None else self.input

@@ -29,11 +29,12 @@ from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, Genera
 from csm.prompt import Segment
 from csm.text_split import split_text
 
-from .audio_io import (MAX_BYTES_PER_SECOND, AudioInputError, audio_seconds, decode_base64,
-                       encode_audio, read_audio)
+from .audio_io import (MAX_BYTES_PER_SECOND, MEDIA_TYPES, AudioInputError, audio_seconds,
+                       decode_base64, encode_audio, read_audio)
 from .chunk import Chunk
 from .model_source import find_model, load_engine
-from .responses import chunk_item, whole_response
+from .responses import chunk_item, stored_response, whole_response
+from .result_store import ResultStore, ResultStoreError
 from .schema import (ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest, has_words,
                      parse_request)
 from .settings import Settings
@@ -49,8 +50,10 @@ log = logging.getLogger("worker")
 # slow speech, and a bound on the long silent tails CSM sometimes makes instead of ending.
 AUTO_MS_PER_CHAR = 100
 AUTO_MS_BASE = 3000
-# A result's JSON besides its audio: a streamed item's fields, about 3 items a second.
+# A result's JSON besides its audio: a streamed item's fields, about 3 items a second; a
+# whole response's summary (about 600 bytes) with room to spare.
 ITEM_OVERHEAD_BYTES_PER_SECOND = 1_000
+WHOLE_OVERHEAD_BYTES = 4_000
 # Longer text is spoken as pieces of about this many characters (see csm/text_split.py).
 PIECE_CHARS = 220
 # What a caller's mistake raises: answered with its message, the worker carries on.
@@ -59,12 +62,13 @@ CALLER_ERRORS = (RequestError, AudioInputError, PromptTooLongError)
 
 class Worker:
     def __init__(self, engine: Engine, settings: Settings, presets: dict[str, Segment],
-                 default_voice: str):
+                 default_voice: str, results: ResultStore | None = None):
         self.engine = engine
         self.settings = settings
         self.presets = presets
         self.default_voice = default_voice  # of requests that name none (CSM_DEFAULT_VOICE)
         self.watermarking = Watermarking(engine.watermarker, settings)
+        self.results = results  # the bucket for whole responses (CSM_BUCKET_NAME), if any
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -73,6 +77,7 @@ class Worker:
         # Voices are read and checked before the weights load: a broken default fails fast.
         clips = read_voices(source.folder, voices_folder(settings, source.origin))
         default = choose_default(clips, settings.default_voice)
+        results = ResultStore.connect(settings.bucket) if settings.bucket else None
         engine = load_engine(source, settings)
         started = time.perf_counter()
         presets = register_voices(engine, clips, default)
@@ -92,7 +97,7 @@ class Worker:
                  engine.load_ms / 1000,
                  ", ".join(f"{k} {v / 1000:.1f} s" for k, v in engine.startup_ms.items()),
                  settings.max_concurrency)
-        return cls(engine, settings, presets, default)
+        return cls(engine, settings, presets, default, results)
 
     # ---- the service API ---------------------------------------------------------------
     async def speak(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
@@ -172,11 +177,11 @@ class Worker:
                 yield voice_list(self.presets, self.default_voice)
                 return
             stream = request.stream and allow_stream
-            shape = chunk_item if stream else whole_response
             request = request.model_copy(update={"stream": stream})
             async with aclosing(self.speak(request)) as chunks:
                 async for chunk in chunks:
-                    yield shape(chunk, request.response_format)
+                    yield (chunk_item(chunk, request.response_format) if stream
+                           else await self.whole_answer(chunk, request))
 
         async with aclosing(self.guarded(items())) as answers:
             async for answer in answers:
@@ -193,8 +198,30 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - a job must never take the worker down
             yield self.failure(e)
 
+    async def whole_answer(self, chunk: Chunk, request: SpeechRequest) -> dict[str, Any]:
+        """A whole response: its audio as base64, or stored in the bucket and answered with a
+        URL (`delivery` "url", or "auto" where base64 would outgrow a queue job's result)."""
+        fmt = request.response_format
+        if not self.stores(request, len(chunk.data)):
+            return whole_response(chunk, fmt)
+        started = time.perf_counter()
+        stored = await asyncio.to_thread(self.results.put, chunk.data, fmt, MEDIA_TYPES[fmt])
+        return stored_response(chunk, fmt, stored, 1000 * (time.perf_counter() - started))
+
+    def stores(self, request: SpeechRequest, audio_bytes: int) -> bool:
+        """Whether a whole response of `audio_bytes` goes to the bucket."""
+        if self.results is None or request.delivery == "base64":
+            return False
+        if request.delivery == "url":
+            return True
+        as_base64 = 4 * -(-audio_bytes // 3) + WHOLE_OVERHEAD_BYTES
+        return self.settings.mode == "queue" and as_base64 > self.settings.limits.max_result_bytes
+
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
+        if isinstance(error, ResultStoreError):
+            log.error("%s", error)
+            return {"error": str(error)}
         if isinstance(error, DeviceFaultError):
             return {"error": f"{error}; this worker restarts, retry the job",
                     "refresh_worker": True}
@@ -271,7 +298,13 @@ class Worker:
     def plan(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
              history: tuple[Segment, ...] = ()) -> GenerationRequest:
         first, *rest = utterances = self.utterances(request)
-        if self.settings.mode == "queue":
+        if request.delivery == "url" and self.results is None:
+            raise RequestError("delivery: 'url' needs a bucket, and this worker has none (its "
+                               "operator sets CSM_BUCKET_NAME and the BUCKET_* variables); use "
+                               "'auto' or 'base64'")
+        whole_to_bucket = (self.results is not None and not request.stream
+                           and request.delivery != "base64")
+        if self.settings.mode == "queue" and not whole_to_bucket:
             self.check_result_size(request, utterances)
         context = self.context_segments(request) if fixed is None else fixed
         seed = self.seeded(request).seed
@@ -294,7 +327,10 @@ class Worker:
                 f"{seconds * per_second / 1e6:.3g} MB as base64, over the {limit / 1e6:.3g} MB a "
                 f"queue job can return (CSM_MAX_RESULT_BYTES); ask for mp3 or opus (5 to 10 "
                 "times smaller), a lower max_audio_length_ms, or less text per job, or use the "
-                "HTTP mode, which streams without this limit")
+                "HTTP mode, which streams without this limit"
+                + ("; or ask for the whole file (stream false, delivery 'auto' or 'url'): it "
+                   "goes to this worker's bucket" if self.results is not None else
+                   "; or have the operator give the worker a bucket (CSM_BUCKET_NAME)"))
 
     # ---- engine events -> chunks -------------------------------------------------------
     @staticmethod

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from csm.scheduler import STALL_TIMEOUT_S
@@ -62,6 +62,27 @@ class HttpSettings:
     shutdown_grace_s: float = 25.0
 
 
+# A presigned URL signed with SigV4 lives at most a week.
+MAX_URL_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """An S3-compatible bucket for results too large to return (worker/result_store.py).
+
+    The endpoint and keys use RunPod's own variable names (its `rp_upload` reads the same);
+    without keys, boto3 finds credentials its usual way (AWS_ACCESS_KEY_ID, a role).
+    """
+
+    name: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)  # never logged
+    prefix: str = "csm/"
+    url_ttl_s: int = 24 * 3600
+
+
 @dataclass(frozen=True)
 class Settings:
     model_dir: Path | None  # CSM_MODEL_DIR; unset, the worker searches (worker/model_source.py)
@@ -92,6 +113,7 @@ class Settings:
     # CSM_DECODER_INT8: the depth decoder's weights in int8 (csm.llama.Int8Linear).
     decoder_int8: bool = False
     http: HttpSettings = HttpSettings()
+    bucket: BucketSettings | None = None  # CSM_BUCKET_NAME and the BUCKET_* variables
 
 
 _LIMIT_ENV = {f.name: f"CSM_{f.name.upper()}" for f in fields(Limits)}
@@ -152,6 +174,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         compile=_flag(env, "CSM_COMPILE"),
         decoder_int8=_flag(env, "CSM_DECODER_INT8"),
         http=_http_settings(env),
+        bucket=_bucket_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
         watermark_key=key,
         watermark_key_is_public=not raw_key,
@@ -206,6 +229,39 @@ def _http_settings(env: dict[str, str]) -> HttpSettings:
         max_body_bytes=int(_number(env, "CSM_MAX_BODY_BYTES", d.max_body_bytes, int)),
         send_timeout_s=_number(env, "CSM_SEND_TIMEOUT_S", d.send_timeout_s, float),
         shutdown_grace_s=_number(env, "CSM_SHUTDOWN_GRACE_S", d.shutdown_grace_s, float))
+
+
+def _bucket_settings(env: dict[str, str]) -> BucketSettings | None:
+    def value(name: str) -> str | None:
+        return env.get(name, "").strip() or None
+
+    name = value("CSM_BUCKET_NAME")
+    given = [k for k in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID",
+                         "BUCKET_SECRET_ACCESS_KEY", "CSM_BUCKET_REGION", "CSM_BUCKET_PREFIX",
+                         "CSM_RESULT_URL_TTL_S") if value(k)]
+    if name is None:
+        if given:
+            raise SettingsError(f"{given[0]} is set but CSM_BUCKET_NAME is not: name the bucket "
+                                "that results too large to return go to, or unset it")
+        return None
+    endpoint = value("BUCKET_ENDPOINT_URL")
+    if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+        raise SettingsError("BUCKET_ENDPOINT_URL must be an http(s) URL like "
+                            f"https://s3.us-east-1.amazonaws.com, got {endpoint!r}")
+    key_id, secret = value("BUCKET_ACCESS_KEY_ID"), value("BUCKET_SECRET_ACCESS_KEY")
+    if (key_id is None) != (secret is None):
+        missing = "BUCKET_SECRET_ACCESS_KEY" if secret is None else "BUCKET_ACCESS_KEY_ID"
+        raise SettingsError(f"{missing} is unset: give both bucket keys, or neither (boto3 then "
+                            "finds credentials its usual way)")
+    ttl = int(_number(env, "CSM_RESULT_URL_TTL_S", BucketSettings.url_ttl_s, int))
+    if ttl > MAX_URL_TTL_S:
+        raise SettingsError(f"CSM_RESULT_URL_TTL_S must be at most {MAX_URL_TTL_S} (7 days, the "
+                            f"longest a presigned URL lives), got {ttl}")
+    prefix = value("CSM_BUCKET_PREFIX") or BucketSettings.prefix
+    return BucketSettings(name=name, endpoint_url=endpoint, region=value("CSM_BUCKET_REGION"),
+                          access_key_id=key_id, secret_access_key=secret,
+                          prefix=prefix if prefix.endswith("/") else prefix + "/",
+                          url_ttl_s=ttl)
 
 
 def _redact(message: str) -> str:
