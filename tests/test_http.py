@@ -478,6 +478,32 @@ def test_websocket_errors_are_clear(server, runtime):
         assert "not valid JSON" in json.loads(ws.recv(10))["message"]
 
 
+def test_a_websocket_whose_context_fills_the_window_is_refused_at_start(server, runtime):
+    """Every sentence is spoken after the session's voice and context: if they leave no room
+    for even a short one, `start` is refused, not each sentence later."""
+    words = "and then we talked about it for a long time " * 45  # 1,980 characters
+    turn = {"text": words, "speaker": 0, "audio_base64": audio_b64(0.2, 8000)}
+    with ws_connect(ws_url(server)) as ws:
+        ws.send(json.dumps({"type": "start", "context": [turn] * 5, "watermark": False}))
+        messages, _ = ws_messages(ws, "error")
+        error = messages[-1]
+        assert error["type"] == "error" and error["param"] == "context", error
+        assert error["message"].startswith("context: leaves no room for a sentence: the prompt "
+                                           "(text plus context) takes"), error
+        with pytest.raises(Exception) as closed:
+            ws.recv(10)
+        assert closed.value.rcvd.code == 1008
+    with ws_connect(ws_url(server)) as ws:  # with room for its sentences, the same start is fine
+        ws.send(json.dumps({"type": "start", "context": [turn] * 2, "watermark": False,
+                            "max_audio_length_ms": 80}))
+        ws_messages(ws, "ready")
+        ws.send(json.dumps({"type": "text", "text": "Hello there. "}))
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = ws_messages(ws, "done")
+        assert messages[-1]["sentences"] == 1, messages
+    wait_idle(runtime)
+
+
 def ws_url(server: Server) -> str:
     return f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream"
 

@@ -4,10 +4,12 @@ Built once per process (`Worker.start`): the model is found (worker/model_source
 loads, and the voices (presets and your own, worker/voices.py) are Mimi-encoded and prefilled
 at start-up, so a job only pays for its own work. Both front doors (the RunPod queue handler
 and the HTTP server) call the same API: `speak` makes the audio of a `SpeechRequest` as chunks
-ready to leave, `verify` checks a watermark, and `run` answers a queue job with the native JSON
-items. Jobs run concurrently on the asyncio loop; their frames are drawn together by the
+ready to leave, `whole_answer` shapes a whole one (its audio as base64, or as a link into the
+bucket: worker/result_store.py), `verify` checks a watermark, and `run` answers a queue job
+with the native JSON items. Jobs run concurrently on the asyncio loop; their frames are drawn together by the
 engine's batched scheduler, and the blocking steps of a job (planning it, decoding reference
-audio, watermarking, encoding files) run in threads so that one job never holds up another.
+audio, watermarking, encoding files, storing a result in the bucket) run in threads so that
+one job never holds up another.
 """
 
 from __future__ import annotations
@@ -265,6 +267,11 @@ class Worker:
             audio, rate = read_audio(field, raw)
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
         return tuple(segments)
+
+    def check_room(self, context: tuple[Segment, ...], request: SpeechRequest) -> None:
+        """PromptTooLongError now if `context` leaves no room in the model's window for the
+        request's first piece."""
+        self.engine.conversation(context).check(self.utterances(request)[0])
 
     def speaker(self, request: SpeechRequest) -> int:
         """Explicit speaker, else the voice's own, else 0."""

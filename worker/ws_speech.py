@@ -33,6 +33,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 
 from csm.codec import SAMPLE_RATE
+from csm.engine import PromptTooLongError
 from csm.prompt import Segment
 from csm.text_split import sentences, split_text
 
@@ -146,7 +147,7 @@ class Session:
             # Mimi-encoding the caller's clips is GPU work like a sentence's: it takes a slot.
             release = await self.slot() if template.context else (lambda: None)
             try:
-                self.fixed = await asyncio.to_thread(self.worker.context_segments, template)
+                self.fixed = await asyncio.to_thread(self.fixed_context, template)
             finally:
                 release()
         except CALLER_ERRORS as e:
@@ -159,6 +160,18 @@ class Session:
                          "media_type": MEDIA_TYPES[template.response_format],
                          "sample_rate": SAMPLE_RATE, "voice": self.template.voice,
                          "speaker": self.template.speaker})
+
+    def fixed_context(self, template: SpeechRequest) -> tuple[Segment, ...]:
+        """The voice and context every sentence is spoken after, encoded once. Refused now
+        (PromptTooLongError) if they leave no room for even a short sentence: every sentence
+        would be refused later, one by one."""
+        fixed = self.worker.context_segments(template)
+        try:
+            # The template's text is a placeholder of 12 characters: a short sentence.
+            self.worker.check_room(fixed, template)
+        except PromptTooLongError as e:
+            raise PromptTooLongError(f"context: leaves no room for a sentence: {e}") from None
+        return fixed
 
     # ---- speaking ----------------------------------------------------------------------------
     async def speak_all(self, work: asyncio.Queue) -> None:

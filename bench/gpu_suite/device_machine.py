@@ -17,6 +17,7 @@ CARRIED = frozenset({"moshi", "silentcipher", "librosa", "pyaml", "soxr", "sound
 # requirements-dev.txt's, carried for the `transformers` part (the speed reference).
 CARRIED_FOR_COMPARISON = frozenset({"transformers"})
 # Distribution -> its import name, for the requirements the machine lacks: the queue handler
-# (runpod), the HTTP mode (fastapi, uvicorn, websockets) and the FFmpeg formats (av).
+# (runpod), the HTTP mode (fastapi, uvicorn, websockets), the FFmpeg formats (av) and the
+# result bucket (boto3, imported only by a worker that has one).
 ABSENT = {"runpod": "runpod", "fastapi": "fastapi", "uvicorn": "uvicorn",
-          "websockets": "websockets", "av": "av"}
+          "websockets": "websockets", "av": "av", "boto3": "boto3"}
