@@ -6,10 +6,10 @@ at start-up, so a job only pays for its own work. Both front doors (the RunPod q
 and the HTTP server) call the same API: `speak` makes the audio of a `SpeechRequest` as chunks
 ready to leave, `whole_answer` shapes a whole one (its audio as base64, or as a link into the
 bucket: worker/result_store.py), `verify` checks a watermark, and `run` answers a queue job
-with the native JSON items. Jobs run concurrently on the asyncio loop; their frames are drawn together by the
-engine's batched scheduler, and the blocking steps of a job (planning it, decoding reference
-audio, watermarking, encoding files, storing a result in the bucket) run in threads so that
-one job never holds up another.
+with the native JSON items. Jobs run concurrently on the asyncio loop; their frames are drawn
+together by the engine's batched scheduler, and the blocking steps of a job (planning it,
+decoding reference audio, watermarking, encoding files, storing a result in the bucket) run in
+threads so that one job never holds up another.
 """
 
 from __future__ import annotations
@@ -208,7 +208,10 @@ class Worker:
             return whole_response(chunk, fmt)
         started = time.perf_counter()
         stored = await asyncio.to_thread(self.results.put, chunk.data, fmt, MEDIA_TYPES[fmt])
-        return stored_response(chunk, fmt, stored, 1000 * (time.perf_counter() - started))
+        upload_ms = 1000 * (time.perf_counter() - started)
+        log.info("stored a %d-byte result as %s in %.0f ms", len(chunk.data), stored.key,
+                 upload_ms)
+        return stored_response(chunk, fmt, stored, upload_ms)
 
     def stores(self, request: SpeechRequest, audio_bytes: int) -> bool:
         """Whether a whole response of `audio_bytes` goes to the bucket."""
