@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny model folders with RANDOM weights (noise, not speech), built once."""
+"""Shared fixtures: tiny model folders with RANDOM weights (noise, not speech), built once; an
+event loop per module; a stand-in S3 store."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop of the module's own, for tests that drive a Worker's async API."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
 
 
 @pytest.fixture

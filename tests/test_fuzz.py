@@ -45,13 +45,6 @@ def worker(tiny_model_dir) -> Worker:
     return Worker.start(load_settings(dict(LIMITS_ENV, CSM_MODEL_DIR=str(tiny_model_dir))))
 
 
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 # ---- audio the strategies pick from (made once) --------------------------------------------
 CLIP_WAV = audio_b64(0.25, 16_000)  # under CSM_MAX_VERIFY_SECONDS
 CLIP_OGG = audio_b64(0.3, 44_100, 2, "OGG")

@@ -8,7 +8,6 @@ noise, not speech; the tests check what is stored and returned, never how it sou
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import subprocess
@@ -65,13 +64,6 @@ def worker(tiny_model_dir, s3_endpoint, bucket) -> Worker:
         "CSM_MODEL_DIR": str(tiny_model_dir), "CSM_DEVICE": "cpu",
         "CSM_MAX_AUDIO_LENGTH_MS": "2400", "CSM_MAX_RESULT_BYTES": str(LIMIT),
         **bucket_env(s3_endpoint)}))
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def one(worker, loop, payload) -> dict:

@@ -5,7 +5,6 @@ generates is noise, never speech; the tests check plumbing, not how a voice soun
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import replace
@@ -172,13 +171,6 @@ class CapturingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(f"{record.levelname} {record.getMessage()}")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def test_the_broken_voice_is_reported_and_skipped(started, voices_dir: Path) -> None:

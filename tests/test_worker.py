@@ -55,13 +55,6 @@ def worker(tiny_model_dir) -> Worker:
     return Worker.start(settings)
 
 
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def one(worker, loop, payload) -> dict:
     """A non-streamed job yields exactly one item."""
     items = run(loop, collect(worker, payload))
