@@ -201,7 +201,14 @@ def test_unknown_field_inside_a_context_item():
 
 def test_context_item_refusals():
     refused({"text": "Hi.", "context": [{"text": "a", "speaker": 0}]},
-            "context[0].audio_base64", "required")
+            "context[0]: give exactly one of audio_base64 or audio_url")
+    refused({"text": "Hi.", "context": [dict(CTX, audio_url="https://example.com/a.wav")]},
+            "context[0]: give exactly one of audio_base64 or audio_url")
+    refused({"text": "Hi.", "context": [{"text": "a", "speaker": 0, "audio_url": "a.wav"}]},
+            "context[0].audio_url: must be an http or https URL")
+    refused({"text": "Hi.", "context": [{"text": "a", "speaker": 0,
+                                         "audio_url": "https://x.org/" + "a" * 4096}]},
+            "context[0].audio_url", "at most 4096 characters")
     refused({"text": "Hi.", "context": [dict(CTX, audio_base64="")]},
             "context[0].audio_base64", "at least 1")
     refused({"text": "Hi.", "context": [dict(CTX, text="")]}, "context[0].text", "empty")

@@ -6,6 +6,7 @@ Limits that an operator may change (text length, context size, audio length) are
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -26,6 +27,7 @@ TASKS = ("generate", "verify_watermark", "list_voices")
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "aac", "pcm")
 MAX_SPEAKER = 31
 MAX_SEED = 2**32 - 1
+MAX_URL_CHARS = 4096  # a presigned URL with a session token runs to about 1,500
 
 
 class RequestError(ValueError):
@@ -88,9 +90,24 @@ class DialogueTurn(_Strict):
 
 
 class ContextTurn(DialogueTurn):
-    """An earlier turn with its audio: conversation continuity, or a voice to clone."""
+    """An earlier turn with its audio (base64, or a link the worker fetches: worker/
+    audio_fetch.py): conversation continuity, or a voice to clone."""
 
-    audio_base64: StrictStr = Field(min_length=1)
+    audio_base64: Annotated[StrictStr, Field(min_length=1)] | None = None
+    audio_url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+
+    @field_validator("audio_url")
+    @classmethod
+    def _web_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]", v):
+            raise ValueError("must be an http or https URL")
+        return v
+
+    @model_validator(mode="after")
+    def _one_audio(self) -> "ContextTurn":
+        if (self.audio_base64 is None) == (self.audio_url is None):
+            raise ValueError("give exactly one of audio_base64 or audio_url")
+        return self
 
 
 class SpeechRequest(_Strict):

@@ -31,14 +31,15 @@ from csm.engine import (AudioBlock, DeviceFaultError, Engine, Generation, Genera
 from csm.prompt import Segment
 from csm.text_split import split_text
 
+from .audio_fetch import fetch_audio
 from .audio_io import (MAX_BYTES_PER_SECOND, MEDIA_TYPES, AudioInputError, audio_seconds,
                        decode_base64, encode_audio, read_audio)
 from .chunk import Chunk
 from .model_source import find_model, load_engine
 from .responses import chunk_item, stored_response, whole_response
 from .result_store import ResultStore, ResultStoreError
-from .schema import (ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest, has_words,
-                     parse_request)
+from .schema import (ContextTurn, ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest,
+                     has_words, parse_request)
 from .settings import Settings
 from .stream_encoder import StreamEncoder
 from .timings import Timer
@@ -259,8 +260,7 @@ class Worker:
         limits = self.settings.limits
         budget_bytes, seconds = limits.max_reference_bytes, 0.0
         for i, turn in enumerate(request.context):
-            field = f"context[{i}].audio_base64"
-            raw = decode_base64(field, turn.audio_base64, budget_bytes)
+            field, raw = self.reference_audio(i, turn, budget_bytes)
             budget_bytes -= len(raw)
             seconds += audio_seconds(field, raw)
             if seconds > limits.max_context_seconds:
@@ -270,6 +270,19 @@ class Worker:
             audio, rate = read_audio(field, raw)
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
         return tuple(segments)
+
+    def reference_audio(self, index: int, turn: ContextTurn, max_bytes: int) -> tuple[str, bytes]:
+        """A context turn's audio file (its field's name, its bytes): decoded, or fetched."""
+        if turn.audio_url is None:
+            field = f"context[{index}].audio_base64"
+            return field, decode_base64(field, turn.audio_base64, max_bytes)
+        field = f"context[{index}].audio_url"
+        if self.settings.audio_urls == "off":
+            raise AudioInputError(f"{field}: this worker fetches no URLs (CSM_AUDIO_URLS=off); "
+                                  "send the clip as audio_base64")
+        return field, fetch_audio(field, turn.audio_url, max_bytes,
+                                  self.settings.limits.audio_url_timeout_s,
+                                  public_only=self.settings.audio_urls == "public")
 
     def check_room(self, context: tuple[Segment, ...], request: SpeechRequest) -> None:
         """PromptTooLongError now if `context` leaves no room in the model's window for the

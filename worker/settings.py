@@ -41,6 +41,8 @@ class Limits:
     # What one queue job may return (its audio as base64, streamed chunks together): RunPod's
     # API refuses larger results (about 20 MB), and the job's audio is then lost.
     max_result_bytes: int = 20_000_000
+    # A context turn's audio_url: the longest its fetch may take, redirects and all.
+    audio_url_timeout_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class Settings:
     compile: bool = False
     # CSM_DECODER_INT8: the depth decoder's weights in int8 (csm.llama.Int8Linear).
     decoder_int8: bool = False
+    # CSM_AUDIO_URLS: which context audio_url hosts are fetched: "public" addresses only, "any"
+    # (a deployment that fetches from its own network too), or "off" (audio_url refused).
+    audio_urls: str = "public"
     http: HttpSettings = HttpSettings()
     bucket: BucketSettings | None = None  # CSM_BUCKET_NAME and the BUCKET_* variables
 
@@ -163,6 +168,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     home = Path(env.get("HOME") or Path.home())
     hf_home = Path(env.get("HF_HOME") or home / ".cache" / "huggingface")
 
+    audio_urls = env.get("CSM_AUDIO_URLS", "").strip().lower() or "public"
+    if audio_urls not in ("public", "any", "off"):
+        raise SettingsError(f"CSM_AUDIO_URLS must be public, any or off, got {audio_urls!r}")
     mode = env.get("CSM_MODE", "queue").strip().lower() or "queue"
     if mode not in ("queue", "http"):
         raise SettingsError(f"CSM_MODE must be queue or http, got {mode!r}")
@@ -173,6 +181,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
                      else _flag(env, "CSM_CUDA_GRAPHS", "1 or 0 (true or false), or auto")),
         compile=_flag(env, "CSM_COMPILE"),
         decoder_int8=_flag(env, "CSM_DECODER_INT8"),
+        audio_urls=audio_urls,
         http=_http_settings(env),
         bucket=_bucket_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
