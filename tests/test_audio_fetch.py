@@ -193,3 +193,16 @@ def test_the_operator_decides_which_links_are_fetched(worker, loop, files, monke
     assert load_settings({}).audio_urls == "public"
     with pytest.raises(SettingsError, match="CSM_AUDIO_URLS must be public, any or off"):
         load_settings({"CSM_AUDIO_URLS": "all"})
+
+
+def test_verify_watermark_takes_a_link_too(worker, loop, files):
+    def verify(**audio: str) -> dict:
+        (answer,) = run(loop, collect(worker, {"task": "verify_watermark", **audio}))
+        return answer
+
+    linked = verify(audio_url=f"{files}/clip.wav")
+    assert set(linked) == {"task", "watermarked"}, linked
+    assert linked == verify(audio_base64=audio_b64(0.5, rate=16_000))
+    assert verify(audio_url=f"{files}/missing.wav") == {
+        "error": f"audio_url: the server answered HTTP 404 (Not Found) for {files}/missing.wav"}
+    assert verify() == {"error": "give exactly one of audio_base64 or audio_url"}

@@ -249,7 +249,9 @@ def test_watermark_fields_are_typed():
 
 
 def test_verify_refusals():
-    refused({"task": "verify_watermark"}, "audio_base64", "required")
+    refused({"task": "verify_watermark"}, "give exactly one of audio_base64 or audio_url")
+    refused({"task": "verify_watermark", "audio_url": "ftp://x.org/a.wav"},
+            "audio_url: must be an http or https URL")
     refused({"task": "verify_watermark", "audio_base64": ""}, "audio_base64")
     refused({"task": "verify_watermark", "audio_base64": "UklGRg==", "text": "Hi."}, "text",
             "unknown field")

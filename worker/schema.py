@@ -89,9 +89,9 @@ class DialogueTurn(_Strict):
         return v
 
 
-class ContextTurn(DialogueTurn):
-    """An earlier turn with its audio (base64, or a link the worker fetches: worker/
-    audio_fetch.py): conversation continuity, or a voice to clone."""
+class CallerAudio(_Strict):
+    """An audio file of the caller's: as base64, or a link the worker fetches (worker/
+    audio_fetch.py)."""
 
     audio_base64: Annotated[StrictStr, Field(min_length=1)] | None = None
     audio_url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
@@ -104,10 +104,14 @@ class ContextTurn(DialogueTurn):
         return v
 
     @model_validator(mode="after")
-    def _one_audio(self) -> "ContextTurn":
+    def _one_audio(self) -> "CallerAudio":
         if (self.audio_base64 is None) == (self.audio_url is None):
             raise ValueError("give exactly one of audio_base64 or audio_url")
         return self
+
+
+class ContextTurn(DialogueTurn, CallerAudio):
+    """An earlier turn with its audio: conversation continuity, or a voice to clone."""
 
 
 class SpeechRequest(_Strict):
@@ -166,9 +170,8 @@ class SpeechRequest(_Strict):
         return self.text if self.text is not None else self.input
 
 
-class VerifyRequest(_Strict):
+class VerifyRequest(CallerAudio):
     task: Literal["verify_watermark"]
-    audio_base64: StrictStr = Field(min_length=1)
     watermark_key: WatermarkKey | None = None  # check for the caller's key (operator-gated)
 
 

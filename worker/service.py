@@ -38,7 +38,7 @@ from .chunk import Chunk
 from .model_source import find_model, load_engine
 from .responses import chunk_item, stored_response, whole_response
 from .result_store import ResultStore, ResultStoreError
-from .schema import (ContextTurn, ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest,
+from .schema import (CallerAudio, ListVoicesRequest, RequestError, SpeechRequest, VerifyRequest,
                      has_words, parse_request)
 from .settings import Settings
 from .stream_encoder import StreamEncoder
@@ -155,16 +155,16 @@ class Worker:
 
     def verify(self, request: VerifyRequest) -> dict[str, Any]:
         limits = self.settings.limits
-        raw = decode_base64("audio_base64", request.audio_base64, limits.max_reference_bytes)
+        field, raw = self.caller_audio("", request, limits.max_reference_bytes)
         # SilentCipher's phase-shift search decodes the whole clip 205 times (~23 TFLOP per
         # second of audio) while holding the lock every stream's watermarking needs.
-        seconds = audio_seconds("audio_base64", raw)
+        seconds = audio_seconds(field, raw)
         if seconds > limits.max_verify_seconds:
             raise AudioInputError(
-                f"audio_base64: {seconds:.1f} s of audio; verify_watermark reads at most "
+                f"{field}: {seconds:.1f} s of audio; verify_watermark reads at most "
                 f"{limits.max_verify_seconds:g} s (CSM_MAX_VERIFY_SECONDS): send an excerpt "
                 "(the mark repeats about every second)")
-        audio, rate = read_audio("audio_base64", raw)
+        audio, rate = read_audio(field, raw)
         found = self.watermarking.verify(audio, rate, request.watermark_key)
         return {"task": "verify_watermark", "watermarked": bool(found)}
 
@@ -260,7 +260,7 @@ class Worker:
         limits = self.settings.limits
         budget_bytes, seconds = limits.max_reference_bytes, 0.0
         for i, turn in enumerate(request.context):
-            field, raw = self.reference_audio(i, turn, budget_bytes)
+            field, raw = self.caller_audio(f"context[{i}].", turn, budget_bytes)
             budget_bytes -= len(raw)
             seconds += audio_seconds(field, raw)
             if seconds > limits.max_context_seconds:
@@ -271,16 +271,17 @@ class Worker:
             segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
         return tuple(segments)
 
-    def reference_audio(self, index: int, turn: ContextTurn, max_bytes: int) -> tuple[str, bytes]:
-        """A context turn's audio file (its field's name, its bytes): decoded, or fetched."""
-        if turn.audio_url is None:
-            field = f"context[{index}].audio_base64"
-            return field, decode_base64(field, turn.audio_base64, max_bytes)
-        field = f"context[{index}].audio_url"
+    def caller_audio(self, where: str, audio: CallerAudio, max_bytes: int) -> tuple[str, bytes]:
+        """A caller's audio file: its field's name (after `where`, e.g. "context[0].") and its
+        bytes, decoded or fetched."""
+        if audio.audio_url is None:
+            field = f"{where}audio_base64"
+            return field, decode_base64(field, audio.audio_base64, max_bytes)
+        field = f"{where}audio_url"
         if self.settings.audio_urls == "off":
             raise AudioInputError(f"{field}: this worker fetches no URLs (CSM_AUDIO_URLS=off); "
                                   "send the clip as audio_base64")
-        return field, fetch_audio(field, turn.audio_url, max_bytes,
+        return field, fetch_audio(field, audio.audio_url, max_bytes,
                                   self.settings.limits.audio_url_timeout_s,
                                   public_only=self.settings.audio_urls == "public")
 
