@@ -14,6 +14,7 @@ is not caught (the platform's network policy is the stronger guard).
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
 import time
@@ -57,13 +58,13 @@ def fetch_audio(field: str, url: str, max_bytes: int, timeout_s: float,
             url = urljoin(url, location)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            if isinstance(reason, TimeoutError | socket.timeout):
+            if isinstance(reason, TimeoutError):
                 raise _timed_out(field, timeout_s) from None
             raise AudioInputError(f"{field}: could not fetch {_where(url)} ({reason})") from None
     raise AudioInputError(f"{field}: more than {MAX_REDIRECTS} redirects")
 
 
-def _read(field: str, response: object, max_bytes: int, deadline: float,
+def _read(field: str, response: http.client.HTTPResponse, max_bytes: int, deadline: float,
           timeout_s: float) -> bytes:
     announced = response.headers.get("Content-Length")
     if announced and announced.isdigit() and int(announced) > max_bytes:
