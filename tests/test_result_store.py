@@ -22,7 +22,7 @@ import requests
 from http_helpers import Server
 from worker.http_app import Runtime, create_app
 from worker.openai_api import openai_job
-from worker.result_store import ResultStore
+from worker.result_store import CHECK_BODY, CHECK_OBJECT, ResultStore
 from worker.service import Worker
 from worker.settings import BucketSettings, SettingsError, StartupError, load_settings
 from worker_helpers import (REPO, SAMPLE_RATE, collect, decode_audio, decode_bytes, free_port,
@@ -196,6 +196,9 @@ def test_a_stored_result_has_a_signed_url_that_expires(s3_endpoint, bucket):
     store = ResultStore.connect(BucketSettings(
         name=BUCKET, endpoint_url=s3_endpoint, region="us-east-1",
         access_key_id="test-key-id", secret_access_key=SECRET, prefix="jobs/", url_ttl_s=600))
+    # connecting wrote its check: a write is what the store needs (no right to list)
+    check = bucket.get_object(Bucket=BUCKET, Key="jobs/" + CHECK_OBJECT)["Body"].read()
+    assert check == CHECK_BODY
     stored = store.put(b"ID3 not really mp3", "mp3", "audio/mpeg")
     assert stored.key.startswith("jobs/") and stored.key.endswith(".mp3")
     query = parse_qs(urlparse(stored.url).query)

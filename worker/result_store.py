@@ -21,6 +21,10 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 
 
+CHECK_OBJECT = ".csm-worker-check"
+CHECK_BODY = b"Written by the CSM worker at each start, to check that it may store results here.\n"
+
+
 class ResultStoreError(Exception):
     """The audio was made but could not be stored; the message says so and goes back."""
 
@@ -39,8 +43,13 @@ class ResultStore:
 
     @classmethod
     def connect(cls, settings: BucketSettings) -> "ResultStore":
-        """The store, once the bucket has answered: a wrong name, endpoint or key stops the
-        worker at start-up (StartupError), not after a job's GPU time is spent."""
+        """The store, once a write to the bucket has worked: a wrong name, endpoint or key
+        stops the worker at start-up (StartupError), not after a job's GPU time is spent.
+
+        The check writes CHECK_OBJECT under the prefix: a write is what results need, and a
+        key allowed only to write and read objects (no listing) passes it, which HeadBucket
+        would refuse.
+        """
         # Imported here: boto3 costs every start ~0.15 s, and only a worker with a bucket
         # needs it.
         import boto3
@@ -55,7 +64,8 @@ class ResultStore:
                           read_timeout=READ_TIMEOUT_S,
                           retries={"max_attempts": 3, "mode": "standard"}))
         try:
-            client.head_bucket(Bucket=settings.name)
+            client.put_object(Bucket=settings.name, Key=settings.prefix + CHECK_OBJECT,
+                              Body=CHECK_BODY, ContentType="text/plain")
         except (BotoCoreError, ClientError) as e:
             where = settings.endpoint_url or "AWS S3"
             raise StartupError(
