@@ -79,6 +79,11 @@ junk = st.recursive(
     max_leaves=8)
 clip = st.one_of(st.sampled_from(VALID_CLIPS), st.sampled_from(BAD_CLIPS),
                  st.binary(max_size=200).map(b64), st.text(max_size=40), junk)
+# Links refused before any connection (a loopback or private host, another scheme, not a URL):
+# nothing here may wait on DNS or on a network this machine lacks.
+link = st.one_of(st.sampled_from(["http://127.0.0.1:9/a.wav", "https://10.0.0.1/a.wav",
+                                  "http://[::1]/a.wav", "file:///etc/passwd", "ftp://1.2.3.4/a",
+                                  "https://", "http:// x", "a.wav", ""]), junk)
 
 
 VALID = {
@@ -91,6 +96,7 @@ VALID = {
     "response_format": st.sampled_from(FORMATS),
     "stream": st.booleans(),
     "task": st.sampled_from(["generate", "verify_watermark"]),
+    "delivery": st.sampled_from(["auto", "base64", "url"]),
 }
 EDGES = {
     "speaker": [-1, 32, 31.0, True, "0"],
@@ -102,11 +108,12 @@ EDGES = {
     "response_format": ["WAV", "aac", "", "pcm16"],
     "stream": ["true", 1, 0],
     "task": ["verify", "", "Generate"],
+    "delivery": ["URL", "", "s3", True],
 }
 FIELD = {k: st.one_of(VALID[k], junk, st.sampled_from(EDGES[k])) for k in VALID}
 FIELD.update({"text": st.one_of(valid_text, any_text, junk),
               "input": st.one_of(valid_text, any_text, junk),
-              "audio_base64": clip})
+              "audio_base64": clip, "audio_url": link})
 turn = st.fixed_dictionaries({"text": st.one_of(valid_text, any_text, junk),
                               "speaker": FIELD["speaker"]},
                              optional={"audio_base64": clip, "voice": junk})
@@ -114,8 +121,11 @@ FIELD["turns"] = st.one_of(st.lists(turn, max_size=4), junk)
 context_item = st.fixed_dictionaries(
     {"text": st.one_of(valid_text, any_text, junk), "speaker": FIELD["speaker"],
      "audio_base64": clip},
-    optional={"lang": junk, "seed": junk})
-FIELD["context"] = st.one_of(st.lists(st.one_of(context_item, junk), max_size=3), junk)
+    optional={"audio_url": link, "lang": junk, "seed": junk})
+linked_item = st.fixed_dictionaries(
+    {"text": valid_text, "speaker": FIELD["speaker"], "audio_url": link})
+FIELD["context"] = st.one_of(st.lists(st.one_of(context_item, linked_item, junk), max_size=3),
+                             junk)
 
 random_dict = st.fixed_dictionaries({}, optional=FIELD).flatmap(
     lambda d: st.dictionaries(st.text(max_size=10), junk, max_size=2).map(
