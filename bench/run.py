@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -151,10 +152,11 @@ def transformers_side(cfg: CSMConfig, state: dict, ids: list[int], device: torch
             "peak_memory_mb": peak_memory_mb(device)}
 
 
-async def worker_stream(worker: Worker, frames: int, reps: int, voice: str = "none") -> dict:
+async def worker_stream(worker: Worker, frames: int, reps: int, voice: str = "none",
+                        **fields: Any) -> dict:
     """Time to the first streamed chunk through the worker (watermarked), against the same
-    request answered whole."""
-    payload = {"text": TEXT, "voice": voice, "max_audio_length_ms": frames * 80}
+    request answered whole; `fields` join the request (a context, say)."""
+    payload = {"text": TEXT, "voice": voice, "max_audio_length_ms": frames * 80, **fields}
 
     async def first_and_last(stream: bool, seed: int) -> tuple[float, float]:
         start, first = time.perf_counter(), None

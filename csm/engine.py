@@ -253,10 +253,13 @@ class Engine:
     def max_positions(self) -> int:
         return self.model.cfg.backbone.max_seq_len
 
+    def encode(self, audio: Tensor, sample_rate: int) -> Tensor:
+        """Mono audio at any rate -> its Mimi codes [32, frames] (at 24 kHz), on the host."""
+        return self.codec.encode(resample(audio, sample_rate, SAMPLE_RATE))
+
     def segment(self, speaker: int, text: str, audio: Tensor, sample_rate: int) -> Segment:
-        """A context turn from mono audio at any rate (Mimi-encoded here, at 24 kHz)."""
-        codes = self.codec.encode(resample(audio, sample_rate, SAMPLE_RATE))
-        return Segment(speaker=speaker, text=text, codes=codes)
+        """A context turn from mono audio at any rate (Mimi-encoded here)."""
+        return Segment(speaker=speaker, text=text, codes=self.encode(audio, sample_rate))
 
     def register_prefix(self, segment: Segment) -> None:
         """Prefill a context turn once (a preset voice); prompts that start with this very

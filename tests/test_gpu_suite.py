@@ -88,6 +88,9 @@ def test_cpu_mode_measures_what_the_gpu_run_reports(cpu_run):
     worker = parts["worker"]
     assert worker["window_edge"]["last_position"] == 2046  # the window's last free position
     assert positive(worker["stream"]["stream_first_chunk_ms"]["median"])
+    cloned = worker["cloned_stream"]
+    assert all(positive(cloned[k]["stream_first_chunk_ms"]["median"])
+               for k in ("encoded_each_time", "codes_kept"))
     assert positive(worker["verify_watermark"]["ms"])
     period = worker["watermark_period"]
     assert positive(period["ms"]) and round(period["audio_ms"]) == 975

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -23,11 +25,12 @@ import torch
 from csm.text_split import split_text
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream
 from worker.audio_io import MAX_BYTES_PER_SECOND, encode_audio
+from worker.clip_codes import ClipCodes
 from worker.schema import parse_request
 from worker.service import PIECE_CHARS, Worker
-from worker.settings import load_settings
+from worker.settings import SettingsError, load_settings
 from worker.stream_encoder import StreamEncoder
-from worker_helpers import (PRIMING_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME,
+from worker_helpers import (PRIMING_SAMPLES, REPO, SAMPLE_RATE, SAMPLES_PER_FRAME,
                             assert_same_audio, audio_b64, audio_file, b64, collect, complete,
                             decode_audio, decode_bytes, decode_with_ffmpeg, run,
                             stream_wav_frames)
@@ -418,6 +421,70 @@ def test_a_queue_job_whose_result_could_outgrow_runpods_limit_is_refused_at_once
     assert len(small["audio_base64"]) < limits.max_result_bytes
     monkeypatch.setattr(worker, "settings", replace(worker.settings, mode="http"))
     assert "audio_base64" in one(worker, loop, dict(big, max_audio_length_ms=160))
+
+
+# ---- callers' reference clips, kept ---------------------------------------------------------
+@pytest.fixture
+def encodes(worker, monkeypatch):
+    """A fresh cache of two clips, and a count of the Mimi encodes the worker runs."""
+    monkeypatch.setattr(worker, "clip_codes", ClipCodes(2))
+    calls = []
+    encode = worker.engine.encode
+    monkeypatch.setattr(worker.engine, "encode", lambda *a: calls.append(1) or encode(*a))
+    return calls
+
+
+def cloned(clip: str, text: str = "Reference.", speaker: int = 0) -> dict:
+    return {"text": "Cloned.", "max_audio_length_ms": 160, "seed": 4,
+            "context": [{"text": text, "speaker": speaker, "audio_base64": clip}]}
+
+
+def test_a_clip_sent_again_is_not_encoded_again(worker, loop, encodes):
+    clip = audio_b64(0.6, 22_050)
+    first = good(worker, loop, cloned(clip))
+    assert len(encodes) == 1
+    again = good(worker, loop, cloned(clip))
+    assert len(encodes) == 1 and again["audio_base64"] == first["audio_base64"]
+    # the codes are the audio's alone: another transcript or speaker with the same file hits
+    good(worker, loop, cloned(clip, text="Other words.", speaker=3))
+    assert len(encodes) == 1
+    worker.clip_codes = ClipCodes(0)  # no cache: encoded every time, the same audio
+    assert good(worker, loop, cloned(clip))["audio_base64"] == first["audio_base64"]
+    assert len(encodes) == 2
+
+
+def test_the_clip_cache_keeps_the_latest_and_no_refused_clip(worker, loop, encodes):
+    a, b, c = (audio_b64(0.3, 16_000, amplitude=x) for x in (0.2, 0.3, 0.4))
+    for clip in (a, b, a, c):  # c pushes out b, the least recently used
+        good(worker, loop, cloned(clip))
+    assert len(encodes) == 3 and len(worker.clip_codes) == 2
+    good(worker, loop, cloned(a))
+    good(worker, loop, cloned(b))
+    assert len(encodes) == 4
+    silent = audio_b64(0.3, 16_000, amplitude=0.0)
+    for _ in range(2):  # refused for the same reason every time, never kept
+        refused(worker, loop, cloned(silent), "context[0].audio_base64: the audio is silent")
+    assert len(worker.clip_codes) == 2
+
+
+def test_the_clip_cache_benchmark_runs(tiny_model_dir):
+    """`python -m bench.clip_cache`, which BENCHMARKS.md quotes, still runs and reports both."""
+    done = subprocess.run([sys.executable, "-m", "bench.clip_cache", "--model-dir",
+                           str(tiny_model_dir), "--reps", "1", "--seconds", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if " ms (medians of 1" in line]
+    assert [line.split(":")[0] for line in lines] == ["encoded each time", "codes kept"], lines
+
+
+def test_the_clip_cache_size_is_the_operators():
+    assert load_settings({}).clip_cache_entries == 64
+    assert load_settings({"CSM_CLIP_CACHE_ENTRIES": "0"}).clip_cache_entries == 0
+    for setting in ("CSM_CLIP_CACHE_ENTRIES", "CSM_MAX_QUEUED"):
+        with pytest.raises(SettingsError) as refused_setting:
+            load_settings({setting: "-1"})
+        assert str(refused_setting.value) == (f"{setting} must be a whole number (0 or more), "
+                                              "got '-1'")
 
 
 # ---- verify_watermark ----------------------------------------------------------------------

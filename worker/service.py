@@ -35,6 +35,7 @@ from .audio_fetch import fetch_audio
 from .audio_io import (MAX_BYTES_PER_SECOND, MEDIA_TYPES, AudioInputError, audio_seconds,
                        decode_base64, encode_audio, read_audio)
 from .chunk import Chunk
+from .clip_codes import ClipCodes
 from .model_source import find_model, load_engine
 from .responses import chunk_item, stored_response, whole_response
 from .result_store import ResultStore, ResultStoreError
@@ -72,6 +73,7 @@ class Worker:
         self.default_voice = default_voice  # of requests that name none (CSM_DEFAULT_VOICE)
         self.watermarking = Watermarking(engine.watermarker, settings)
         self.results = results  # the bucket for whole responses (CSM_BUCKET_NAME), if any
+        self.clip_codes = ClipCodes(settings.clip_cache_entries)  # callers' reference clips
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -267,8 +269,8 @@ class Worker:
                 raise AudioInputError(
                     f"{field}: context audio adds up to {seconds:.1f} s; the limit is "
                     f"{limits.max_context_seconds:g} s (CSM_MAX_CONTEXT_SECONDS)")
-            audio, rate = read_audio(field, raw)
-            segments.append(self.engine.segment(turn.speaker, turn.text, audio, rate))
+            codes = self.clip_codes.get(raw, lambda: self.engine.encode(*read_audio(field, raw)))
+            segments.append(Segment(speaker=turn.speaker, text=turn.text, codes=codes))
         return tuple(segments)
 
     def caller_audio(self, where: str, audio: CallerAudio, max_bytes: int) -> tuple[str, bytes]:

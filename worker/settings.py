@@ -117,6 +117,8 @@ class Settings:
     # CSM_AUDIO_URLS: which context audio_url hosts are fetched: "public" addresses only, "any"
     # (a deployment that fetches from its own network too), or "off" (audio_url refused).
     audio_urls: str = "public"
+    # CSM_CLIP_CACHE_ENTRIES: callers' reference clips whose Mimi codes are kept (0: none).
+    clip_cache_entries: int = 64
     http: HttpSettings = HttpSettings()
     bucket: BucketSettings | None = None  # CSM_BUCKET_NAME and the BUCKET_* variables
 
@@ -182,6 +184,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         compile=_flag(env, "CSM_COMPILE"),
         decoder_int8=_flag(env, "CSM_DECODER_INT8"),
         audio_urls=audio_urls,
+        clip_cache_entries=_count(env, "CSM_CLIP_CACHE_ENTRIES", Settings.clip_cache_entries),
         http=_http_settings(env),
         bucket=_bucket_settings(env),
         model_dir=_path(env, "CSM_MODEL_DIR"),
@@ -216,6 +219,14 @@ def _flag(env: dict[str, str], name: str, accepted: str = "1 or 0 (true or false
     raise SettingsError(f"{name} must be {accepted}, got {raw!r}")
 
 
+def _count(env: dict[str, str], name: str, default: int) -> int:
+    """A whole number, 0 allowed (it turns the thing off)."""
+    raw = env.get(name, "").strip()
+    if raw and not raw.isdigit():
+        raise SettingsError(f"{name} must be a whole number (0 or more), got {raw!r}")
+    return int(raw) if raw else default
+
+
 def _port(env: dict[str, str], name: str, default: int) -> int:
     port = int(_number(env, name, default, int))
     if port > 65535:
@@ -226,14 +237,11 @@ def _port(env: dict[str, str], name: str, default: int) -> int:
 def _http_settings(env: dict[str, str]) -> HttpSettings:
     d = HttpSettings()
     port = _port(env, "PORT", d.port)
-    queued = env.get("CSM_MAX_QUEUED", "").strip()
-    if queued and not queued.isdigit():  # 0 is allowed: no waiting, straight to 503
-        raise SettingsError(f"CSM_MAX_QUEUED must be a whole number (0 or more), got {queued!r}")
     return HttpSettings(
         host=env.get("CSM_HOST") or d.host,
         port=port,
         health_port=_port(env, "PORT_HEALTH", port),  # RunPod: PORT_HEALTH defaults to PORT
-        max_queued=int(queued) if queued else d.max_queued,
+        max_queued=_count(env, "CSM_MAX_QUEUED", d.max_queued),  # 0: straight to 503
         queue_timeout_s=_number(env, "CSM_QUEUE_TIMEOUT_S", d.queue_timeout_s, float),
         max_body_bytes=int(_number(env, "CSM_MAX_BODY_BYTES", d.max_body_bytes, int)),
         send_timeout_s=_number(env, "CSM_SEND_TIMEOUT_S", d.send_timeout_s, float),

@@ -1,16 +1,17 @@
 """Part `worker`: the worker end to end on the device, through `Worker.start` and `run` only.
 
 As RunPod drives it (one asyncio loop, up to 8 jobs at once), on the mode's main shapes:
-time to the first streamed chunk with a preset voice; a whole and a streamed job, both
-watermarked; `verify_watermark` and its time; one stream's watermarking call and how many
-streams a worker can keep marked in real time, and the same call while 8 jobs run (on the
-watermarker's own CUDA stream and on the default one); 8 jobs at once; a streamed job whose
-caller hangs up after the first chunk (cancelled) and one whose consumer raises, while others
-run; 8 at once again, which must not wait on the two abandoned jobs (each asked for 90 s of
-audio: a slot still held would show as a long wait); a job at the edge of the 2048-position
-window and one a frame past it (refused, naming the field); last, a clip over
-`CSM_MAX_VERIFY_SECONDS` refused and, on a GPU, a verify at it timed. The weights are random:
-the watermark detector's answer is timed, not judged.
+time to the first streamed chunk with a preset voice, and with a voice cloned from a 10 s
+clip whose codes are encoded for each request or kept (worker/clip_codes.py); a whole and a
+streamed job, both watermarked; `verify_watermark` and its time; one stream's watermarking
+call and how many streams a worker can keep marked in real time, and the same call while 8
+jobs run (on the watermarker's own CUDA stream and on the default one); 8 jobs at once; a
+streamed job whose caller hangs up after the first chunk (cancelled) and one whose consumer
+raises, while others run; 8 at once again, which must not wait on the two abandoned jobs
+(each asked for 90 s of audio: a slot still held would show as a long wait); a job at the
+edge of the 2048-position window and one a frame past it (refused, naming the field); last, a
+clip over `CSM_MAX_VERIFY_SECONDS` refused and, on a GPU, a verify at it timed. The weights
+are random: the watermark detector's answer is timed, not judged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from csm.engine import GenerationRequest
 from csm.text_tokenizer import TextTokenizer
 from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream, parse_key
+from worker.clip_codes import ClipCodes
 from worker.service import Worker
 
 from ..run import TEXT, start_worker, time_ms, worker_stream
@@ -218,10 +220,29 @@ async def window_edge(ctx: Context, worker: Worker) -> None:
               "max_audio_length_ms" in over.get("error", ""), over.get("error"))
 
 
+async def cloned_stream(ctx: Context, worker: Worker) -> dict[str, Any]:
+    """The same cloned-voice request with the clip's Mimi codes encoded for each request
+    (CSM_CLIP_CACHE_ENTRIES=0) and kept from the first (the default)."""
+    context = [{"text": TEXT, "speaker": 0, "audio_base64": reference_audio(10)}]
+    kept = worker.clip_codes
+    try:
+        worker.clip_codes = ClipCodes(0)
+        encoded = await worker_stream(worker, ctx.mode.job_ms // 80, ctx.mode.reps,
+                                      context=context)
+    finally:
+        worker.clip_codes = kept
+    return {"encoded_each_time": encoded,
+            "codes_kept": await worker_stream(worker, ctx.mode.job_ms // 80, ctx.mode.reps,
+                                              context=context)}
+
+
 async def scenario(ctx: Context, worker: Worker) -> None:
     ctx.step("time to the first streamed chunk, preset voice")
     ctx.record(stream=await worker_stream(worker, ctx.mode.job_ms // 80, ctx.mode.reps,
                                           voice="conversational_a"))
+    ctx.step("time to the first streamed chunk, a voice cloned from a 10 s clip, its codes "
+             "kept or not")
+    ctx.record(cloned_stream=await cloned_stream(ctx, worker))
     ctx.step("a whole and a streamed job")
     whole = await collect(worker, job(ctx, 1))
     streamed = await collect(worker, job(ctx, 1, stream=True, response_format="pcm"))
