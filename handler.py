@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from worker.openai_api import openai_job
-from worker.service import Worker
+from worker.service import Progress, Worker
 from worker.startup import settings_or_exit, worker_or_exit
 
 settings = settings_or_exit()
@@ -41,14 +41,26 @@ if settings.mode == "queue":
     sdk_import.join()
 
 
-def answers(payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any] | str]:
+def answers(payload: Any, allow_stream: bool = True,
+            on_progress: Progress | None = None) -> AsyncIterator[dict[str, Any] | str]:
     if isinstance(payload, dict) and "openai_route" in payload:
         return openai_job(worker, payload, allow_stream)
-    return worker.run(payload, allow_stream)
+    return worker.run(payload, allow_stream, on_progress)
+
+
+def progress_reports(job: dict[str, Any]) -> Progress | None:
+    """A long whole job's progress, shown by RunPod's /status while it runs: posted through the
+    SDK's `progress_update`, which only RunPod's own service takes (the local server has no
+    such route)."""
+    if not _on_runpod():
+        return None
+    from runpod.serverless import progress_update
+
+    return lambda progress: progress_update(job, progress)
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
-    async for item in answers(job.get("input")):
+    async for item in answers(job.get("input"), on_progress=progress_reports(job)):
         if isinstance(item, dict) and item.pop("refresh_worker", False):
             config["refresh_worker"] = True  # the SDK reads it after this job: restart
         yield item
@@ -64,6 +76,11 @@ async def test_input_handler(job: dict[str, Any]) -> dict[str, Any] | str:
 def _local_test_mode() -> bool:
     """The SDK's own rule for `--test_input`/test_input.json runs, checked the same way."""
     return "--rp_serve_api" not in sys.argv and "RUNPOD_WEBHOOK_GET_JOB" not in os.environ
+
+
+def _on_runpod() -> bool:
+    """Serving RunPod's queue (its service sets the webhooks), not the SDK's local server."""
+    return "--rp_serve_api" not in sys.argv and "RUNPOD_WEBHOOK_GET_JOB" in os.environ
 
 
 config: dict[str, Any] = {

@@ -432,6 +432,32 @@ def test_deployed_service_streams_and_aggregates(cloud_handler, sent):
     check_stream(streamed, "pcm", CAP_MS)
 
 
+def test_deployed_service_posts_a_long_jobs_progress(cloud_handler, sent, monkeypatch):
+    """Each piece of a long whole job reaches RunPod's job-done route as IN_PROGRESS, through
+    the SDK's own progress_update (its HTTP post to RunPod is the stand-in)."""
+    from runpod.serverless.modules import rp_progress
+
+    progress = []
+
+    async def send_result(session, job_data, job, is_stream=False):
+        progress.append((job["id"], job_data))
+
+    monkeypatch.setattr(rp_progress, "send_result", send_result)
+    monkeypatch.setenv("RUNPOD_WEBHOOK_GET_JOB", "http://127.0.0.1:9/unused")  # as deployed
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank at dawn. "
+    handle(cloud_handler, {"text": (sentence * 6).strip(), "max_audio_length_ms": 80,
+                           "seed": 2})
+    (result,) = sent["result"]
+    pieces = result["output"][0]["utterances"]
+    deadline = time.monotonic() + 10  # each report is posted from a thread of its own
+    while len(progress) < pieces - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pieces >= 2 and sorted(data["output"]["pieces_done"] for _, data in progress) == \
+        list(range(1, pieces))
+    assert all(job_id == "cloud-1" and data["status"] == "IN_PROGRESS"
+               and data["output"]["pieces"] == pieces for job_id, data in progress)
+
+
 def test_deployed_service_asks_for_a_new_worker_after_a_gpu_fault(model_dir, sent):
     """The handler turns the worker's restart request into the SDK's `refresh_worker`, which
     RunPod reads as `stopPod`. Its own import: the fault is for good."""

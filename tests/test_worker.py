@@ -633,6 +633,27 @@ def test_long_text_is_spoken_in_pieces(worker, loop):
     check_length(r, 80 * len(pieces))
 
 
+def test_a_long_whole_job_reports_each_piece_as_the_next_begins(worker, loop):
+    """What RunPod's /status shows while a long job runs (handler.py posts each report)."""
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank at dawn. "
+    payload = {"text": (sentence * 8).strip(), "max_audio_length_ms": 80, "seed": 13}
+    pieces = len(split_text(payload["text"], PIECE_CHARS))
+    reports: list[dict] = []
+    (answer,) = run(loop, collect(worker, payload, on_progress=reports.append))
+    assert answer["utterances"] == pieces >= 3
+    assert reports == [{"pieces": pieces, "pieces_done": done, "audio_ms": 80.0 * done}
+                       for done in range(1, pieces)]
+    # a stream's chunks are its progress; a report that fails fails nothing
+    assert run(loop, collect(worker, dict(payload, stream=True), on_progress=reports.append))
+    assert len(reports) == pieces - 1
+
+    def broken(report: dict) -> None:
+        raise RuntimeError("the status route is down")
+
+    (again,) = run(loop, collect(worker, payload, on_progress=broken))
+    assert again["audio_base64"] == answer["audio_base64"]
+
+
 def test_a_piece_of_punctuation_alone_is_not_spoken(worker):
     """A full piece followed by "?!" leaves that as a piece of its own, with nothing to speak
     (CSM would make noise of it): the job is the full piece alone."""

@@ -60,6 +60,8 @@ ITEM_OVERHEAD_BYTES_PER_SECOND = 1_000
 WHOLE_OVERHEAD_BYTES = 4_000
 # Longer text is spoken as pieces of about this many characters (see csm/text_split.py).
 PIECE_CHARS = 220
+# A long job's progress, as it goes (Worker.speak's `on_progress`).
+Progress = Callable[[dict[str, Any]], None]
 # What a caller's mistake raises: answered with its message, the worker carries on.
 CALLER_ERRORS = (RequestError, AudioInputError, PromptTooLongError)
 
@@ -106,16 +108,17 @@ class Worker:
 
     # ---- the service API ---------------------------------------------------------------
     async def speak(self, request: SpeechRequest, fixed: tuple[Segment, ...] | None = None,
-                    history: tuple[Segment, ...] = (),
-                    encoder: StreamEncoder | None = None) -> AsyncIterator[Chunk]:
+                    history: tuple[Segment, ...] = (), encoder: StreamEncoder | None = None,
+                    on_progress: Progress | None = None) -> AsyncIterator[Chunk]:
         """The audio of `request`: one whole file, or (`stream`) chunks as they are marked.
 
         `fixed` replaces the request's own voice and context with segments encoded before (a
         connection that speaks many times); `history` is earlier speech of the same
         conversation, after them (the oldest dropped first when the window runs short);
         `encoder` continues a stream the caller owns (one file across several requests) and
-        is left open. Caller mistakes raise (CALLER_ERRORS) before the first chunk. Closing
-        the iterator early cancels the job and frees its slot at once.
+        is left open; `on_progress` hears of each piece of a long text as the next begins
+        (`{"pieces", "pieces_done", "audio_ms"}`). Caller mistakes raise (CALLER_ERRORS) before
+        the first chunk. Closing the iterator early cancels the job and frees its slot at once.
         """
         timer = Timer()
         marking = self.watermarking.marking(request.watermark, request.watermark_key)
@@ -123,8 +126,10 @@ class Worker:
         generation = await self._start(request, fixed, history, events)
         try:
             make = self._stream if request.stream else self._whole
-            async with aclosing(make(request, generation, events, timer, marking,
-                                     encoder)) as chunks:
+            pieces = len(generation.request.utterances)
+            async with (aclosing(self._blocks(events, timer, pieces, on_progress)) as blocks,
+                        aclosing(make(request, generation, blocks, timer, marking,
+                                      encoder)) as chunks):
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -170,9 +175,11 @@ class Worker:
         found = self.watermarking.verify(audio, rate, request.watermark_key)
         return {"task": "verify_watermark", "watermarked": bool(found)}
 
-    async def run(self, payload: Any, allow_stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, payload: Any, allow_stream: bool = True,
+                  on_progress: Progress | None = None) -> AsyncIterator[dict[str, Any]]:
         """A native job's outputs (queue or HTTP): one response (or {"error"}), or stream
-        chunks ending in a summary."""
+        chunks ending in a summary. A whole job of several pieces reports each to
+        `on_progress` (a stream's chunks are its progress)."""
         async def items() -> AsyncIterator[dict[str, Any]]:
             request = parse_request(payload, self.settings.limits, self.voice_names)
             if isinstance(request, VerifyRequest):
@@ -183,7 +190,8 @@ class Worker:
                 return
             stream = request.stream and allow_stream
             request = request.model_copy(update={"stream": stream})
-            async with aclosing(self.speak(request)) as chunks:
+            progress = None if stream else on_progress
+            async with aclosing(self.speak(request, on_progress=progress)) as chunks:
                 async for chunk in chunks:
                     yield (chunk_item(chunk, request.response_format) if stream
                            else await self.whole_answer(chunk, request))
@@ -360,16 +368,25 @@ class Worker:
 
     # ---- engine events -> chunks -------------------------------------------------------
     @staticmethod
-    async def _blocks(events: asyncio.Queue, timer: Timer) -> AsyncIterator[AudioBlock]:
+    async def _blocks(events: asyncio.Queue, timer: Timer, pieces: int,
+                      on_progress: Progress | None) -> AsyncIterator[AudioBlock]:
+        done = samples = 0
         while (block := Generation.unpack(await events.get())) is not None:
             timer.decoded()
+            if on_progress is not None and block.utterance > done:
+                done = block.utterance
+                try:
+                    on_progress({"pieces": pieces, "pieces_done": done,
+                                 "audio_ms": round(1000 * samples / SAMPLE_RATE, 3)})
+                except Exception:  # noqa: BLE001 - a report that fails must not fail the job
+                    log.warning("a progress report failed", exc_info=True)
+            samples += block.audio.numel()
             yield block
 
     async def _whole(self, request: SpeechRequest, generation: Generation,
-                     events: asyncio.Queue, timer: Timer, marking: Marking,
+                     blocks: AsyncIterator[AudioBlock], timer: Timer, marking: Marking,
                      _encoder: StreamEncoder | None) -> AsyncIterator[Chunk]:
-        blocks = [block async for block in self._blocks(events, timer)]
-        result = self.engine.finish(generation, blocks)
+        result = self.engine.finish(generation, [block async for block in blocks])
 
         def mark_and_encode() -> bytes:
             with timer.spending("watermark_ms"):
@@ -384,7 +401,7 @@ class Worker:
                     summary=self.summary(generation, samples, result.frames, marking, timer))
 
     async def _stream(self, request: SpeechRequest, generation: Generation,
-                      events: asyncio.Queue, timer: Timer, marking: Marking,
+                      blocks: AsyncIterator[AudioBlock], timer: Timer, marking: Marking,
                       encoder: StreamEncoder | None) -> AsyncIterator[Chunk]:
         """Watermarked chunks as the scheduler decodes them (the first with the first block,
         then as each period of the key's message is marked: see csm.watermark.
@@ -404,7 +421,7 @@ class Worker:
                     data += encoder.close()
             return audio, data
 
-        async for block in self._blocks(events, timer):
+        async for block in blocks:
             codes.append(block.codes)
             audio, data = await asyncio.to_thread(ready, lambda: marker.push(block.audio), False)
             if not audio.numel():
