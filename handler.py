@@ -11,7 +11,8 @@ it and never raises.
 The SDK streams a generator handler's yields to `/stream` and, with
 `return_aggregate_stream`, returns their list from `/run` and `/runsync`; a non-streamed job
 yields exactly one item, its whole response. `--test_input` does not iterate generators, so
-that local mode gets a plain function running the same job to completion.
+that local mode gets a plain function running the same job to completion. On RunPod, a long
+whole job's progress reaches `/status` through the SDK's `progress_update`.
 """
 
 from __future__ import annotations
