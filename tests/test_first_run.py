@@ -190,3 +190,23 @@ def test_with_a_token_the_first_start_downloads_then_serves(tiny_model_dir: Path
     assert code2 == 0, second
     assert f"model: network volume {model}; Mimi, SilentCipher from the image" in second
     assert later == []  # found on the volume: the hub is not asked again
+
+
+def test_every_setting_the_worker_reads_is_in_the_readmes_table() -> None:
+    """A newcomer configures from the README: each variable the code reads (CSM_*, the
+    bucket's BUCKET_*) has its row in the configuration table."""
+    import re
+    from dataclasses import fields
+
+    from worker.settings import Limits
+
+    code = "\n".join(p.read_text() for p in [REPO / "handler.py", *(REPO / "worker").glob("*.py"),
+                                             *(REPO / "csm").glob("*.py")])
+    read = set(re.findall(r'"((?:CSM|BUCKET)_[A-Z0-9_]+)"', code))
+    read |= {f"CSM_{f.name.upper()}" for f in fields(Limits)}  # read by their field names
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Configuration (environment)"):]
+    table = table[:table.index("\n## ")]
+    rows = {name for line in table.splitlines() if line.startswith("| `")
+            for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1])}
+    assert len(read) > 30 and read <= rows, sorted(read - rows)
