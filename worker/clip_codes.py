@@ -1,7 +1,7 @@
 """The Mimi codes of callers' reference clips, kept for the next request that sends the same file.
 
 A voice-cloning client sends the same clip with every request; reading, resampling and
-Mimi-encoding it each time is paid before the first audio (a 10 s clip: ~40 ms at the tiny
+Mimi-encoding it each time is paid before the first audio (a 10 s clip: ~45 ms at the tiny
 test shapes on one CPU core, 1 ms to hash; BENCHMARKS.md). Codes depend on the audio alone, so
 the cache is keyed by the file's bytes (BLAKE2b) whatever the turn's text and speaker. It holds
 the last CSM_CLIP_CACHE_ENTRIES clips (a 10 s clip's codes are 32 kB), and only clips that were

@@ -2,8 +2,9 @@
 
 A queue job's result can't be larger than RunPod's API returns (about 20 MB): with a bucket
 (CSM_BUCKET_NAME and RunPod's BUCKET_* variables), a whole job's audio that would not fit goes
-there instead, and the job returns a URL that fetches it for CSM_RESULT_URL_TTL_S. Any
-S3-compatible store works (AWS S3, Cloudflare R2, Backblaze B2, MinIO ...).
+there instead, and the job returns a URL that fetches it for CSM_RESULT_URL_TTL_S. Meant for
+any S3-compatible store (AWS S3, Cloudflare R2, Backblaze B2, MinIO ...); tested against
+moto's S3 server only.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from .settings import BucketSettings, StartupError
 CONNECT_TIMEOUT_S = 5
 # One socket read; an upload of tens of MB is many reads.
 READ_TIMEOUT_S = 60
-
-
+# What ResultStore.connect writes under the prefix at each start.
 CHECK_OBJECT = ".csm-worker-check"
 CHECK_BODY = b"Written by the CSM worker at each start, to check that it may store results here.\n"
 
