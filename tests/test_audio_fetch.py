@@ -133,6 +133,19 @@ def test_only_public_addresses_are_fetched_by_default(url, needle):
     assert "CSM_AUDIO_URLS=any" in str(error.value) or "http or https" in str(error.value)
 
 
+@pytest.mark.parametrize("public_only", [True, False])
+@pytest.mark.parametrize("url, needle", [
+    ("http://x:abc/a.wav", "not a valid URL (Port could not be cast to integer value"),
+    ("http://1.2.3.4:99999/a.wav", "not a valid URL (Port out of range"),
+    ("http://[::1/a.wav", "not a valid URL (Invalid IPv6 URL)"),
+    ("http://" + "a" * 64 + ".com/a.wav", "encoding with 'idna' codec failed"),
+])
+def test_a_malformed_link_is_refused_by_field_not_an_internal_error(url, needle, public_only):
+    with pytest.raises(AudioInputError) as error:
+        fetch_audio("context[0].audio_url", url, 100_000, 5.0, public_only=public_only)
+    assert str(error.value).startswith("context[0].audio_url: ") and needle in str(error.value)
+
+
 def test_a_public_address_passes_the_check():
     check_url("context[0].audio_url", "https://8.8.8.8/clip.wav", public_only=True)
 

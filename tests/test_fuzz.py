@@ -83,7 +83,9 @@ clip = st.one_of(st.sampled_from(VALID_CLIPS), st.sampled_from(BAD_CLIPS),
 # nothing here may wait on DNS or on a network this machine lacks.
 link = st.one_of(st.sampled_from(["http://127.0.0.1:9/a.wav", "https://10.0.0.1/a.wav",
                                   "http://[::1]/a.wav", "file:///etc/passwd", "ftp://1.2.3.4/a",
-                                  "https://", "http:// x", "a.wav", ""]), junk)
+                                  "https://", "http:// x", "a.wav", "", "http://x:abc/a.wav",
+                                  "http://1.2.3.4:99999/a", "http://[::1/a.wav",
+                                  "http://" + "a" * 64 + ".com/a.wav"]), junk)
 
 
 VALID = {

@@ -56,11 +56,16 @@ def fetch_audio(field: str, url: str, max_bytes: int, timeout_s: float,
                 raise AudioInputError(f"{field}: the server answered HTTP {e.code} "
                                       f"({e.reason}) for {_where(url)}") from None
             url = urljoin(url, location)
+        except AudioInputError:
+            raise
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, TimeoutError):
                 raise _timed_out(field, timeout_s) from None
             raise AudioInputError(f"{field}: could not fetch {_where(url)} ({reason})") from None
+        except (ValueError, http.client.HTTPException) as e:  # a host or port urllib refuses
+            raise AudioInputError(f"{field}: {_where(url)} is not a URL that can be fetched "
+                                  f"({e})") from None
     raise AudioInputError(f"{field}: more than {MAX_REDIRECTS} redirects")
 
 
@@ -83,21 +88,26 @@ def _read(field: str, response: http.client.HTTPResponse, max_bytes: int, deadli
 
 def check_url(field: str, url: str, public_only: bool) -> None:
     """Every hop: http or https (a redirect to file:// is refused), and a public host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError as e:  # a bracket left open, a port that is no number or out of range
+        raise AudioInputError(f"{field}: not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not host:
         raise AudioInputError(f"{field}: must be an http or https URL, got {_where(url)!r}")
     if not public_only:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or None, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise AudioInputError(f"{field}: can't resolve {parts.hostname!r} ({e.strerror})") \
-            from None
+        raise AudioInputError(f"{field}: can't resolve {host!r} ({e.strerror})") from None
+    except UnicodeError as e:  # a label over 63 characters, say
+        raise AudioInputError(f"{field}: {host!r} is not a valid host name ({e})") from None
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
         if not address.is_global:
             raise AudioInputError(
-                f"{field}: {parts.hostname!r} is a {_kind(address)} address ({address}); this "
+                f"{field}: {host!r} is a {_kind(address)} address ({address}); this "
                 "worker fetches only public addresses (CSM_AUDIO_URLS=any allows others)")
 
 
