@@ -219,6 +219,13 @@ def test_a_bucket_that_cant_be_used_stops_the_start_before_the_weights_load(
                               f"'no-such-bucket' at {s3_endpoint} can't be used (no such "
                               "bucket)"), message
     assert SECRET not in message
+    for bad, needle in [({"BUCKET_ENDPOINT_URL": "https://exa mple.com"}, "Invalid endpoint"),
+                        ({"CSM_BUCKET_REGION": "us east"}, "region_name 'us east'"),
+                        ({"CSM_BUCKET_NAME": "Bad_Bucket!"}, "Invalid bucket name")]:
+        caplog.clear()
+        message = start_up_error(tiny_model_dir, monkeypatch, caplog,
+                                 **{**bucket_env(s3_endpoint), **bad})
+        assert needle in message and "\n" not in message, message
     closed = f"http://127.0.0.1:{free_port()}"
     caplog.clear()
     message = start_up_error(tiny_model_dir, monkeypatch, caplog, **bucket_env(closed))

@@ -56,13 +56,17 @@ class ResultStore:
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = boto3.client(
-            "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key,
-            config=Config(signature_version="s3v4", connect_timeout=CONNECT_TIMEOUT_S,
-                          read_timeout=READ_TIMEOUT_S,
-                          retries={"max_attempts": 3, "mode": "standard"}))
+        try:
+            client = boto3.client(
+                "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
+                aws_access_key_id=settings.access_key_id,
+                aws_secret_access_key=settings.secret_access_key,
+                config=Config(signature_version="s3v4", connect_timeout=CONNECT_TIMEOUT_S,
+                              read_timeout=READ_TIMEOUT_S,
+                              retries={"max_attempts": 3, "mode": "standard"}))
+        except ValueError as e:  # boto3's word on a malformed endpoint or region
+            raise StartupError(f"BUCKET_ENDPOINT_URL or CSM_BUCKET_REGION can't be used: {e}") \
+                from None
         try:
             client.put_object(Bucket=settings.name, Key=settings.prefix + CHECK_OBJECT,
                               Body=CHECK_BODY, ContentType="text/plain")
@@ -105,4 +109,4 @@ def _reason(error: Exception) -> str:
         return {"404": "no such bucket", "NoSuchBucket": "no such bucket",
                 "403": "access denied", "AccessDenied": "access denied"}.get(
             str(code), f"{code or 'error'}, HTTP {status}")
-    return str(error)
+    return " ".join(str(error).split())  # one line: botocore's may hold several
