@@ -228,7 +228,7 @@ def test_sigterm_lets_running_jobs_finish_then_exits_0(tiny_model_dir):
         assert [m["type"] for m in messages] == ["ready", "error"] and code == SERVICE_RESTART
         assert "sentences from index 0 on were not spoken" in messages[-1]["message"]
 
-        assert h.wait(30) == 0
+        assert h.wait(30) == 0, h.log[-4000:]
     assert time.monotonic() - signalled < 30
     assert "stopping: no new jobs" in h.log and "cutting off" not in h.log
 
@@ -264,7 +264,7 @@ def test_jobs_that_outlast_the_grace_period_are_cut_off_with_an_error(tiny_model
         answer = whole.result(30)
         assert answer.status_code == 503 and cut_off in answer.json()["error"]
 
-        assert h.wait(30) == 0
+        assert h.wait(30) == 0, h.log[-4000:]
     # 1 s of grace, then at most 2 s for the cut-off jobs to end and 3 s for uvicorn.
     assert time.monotonic() - signalled < 8
     assert "cutting off 5 jobs, 1 WebSocket sessions still running after 1 s" in h.log
@@ -278,6 +278,6 @@ def test_a_second_sigterm_stops_at_once(tiny_model_dir):
         h.term()
         wait_for(lambda: h.ping(h.health) == 503)
         signalled = h.term()
-        assert h.wait(30) == -signal.SIGTERM
+        assert h.wait(30) == -signal.SIGTERM, h.log[-4000:]
         assert time.monotonic() - signalled < 6  # uvicorn's own 3 s, then it cancels the job
         assert isinstance(raw.result(30)[1], httpx.RemoteProtocolError)

@@ -445,4 +445,9 @@ async def _serve(settings: Settings) -> int:
     for server in servers:
         server.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
+    if runtime.worker is not None:
+        # The frame loop stops before the process exits: a step still running in its thread
+        # while the interpreter shuts down aborts the process ("terminate called without an
+        # active exception", exit -6) instead of the 0 a clean stop gives.
+        await asyncio.to_thread(runtime.worker.engine.close)
     return code
