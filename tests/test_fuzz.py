@@ -81,11 +81,11 @@ clip = st.one_of(st.sampled_from(VALID_CLIPS), st.sampled_from(BAD_CLIPS),
                  st.binary(max_size=200).map(b64), st.text(max_size=40), junk)
 # Links refused before any connection (a loopback or private host, another scheme, not a URL):
 # nothing here may wait on DNS or on a network this machine lacks.
-link = st.one_of(st.sampled_from(["http://127.0.0.1:9/a.wav", "https://10.0.0.1/a.wav",
-                                  "http://[::1]/a.wav", "file:///etc/passwd", "ftp://1.2.3.4/a",
-                                  "https://", "http:// x", "a.wav", "", "http://x:abc/a.wav",
-                                  "http://1.2.3.4:99999/a", "http://[::1/a.wav",
-                                  "http://" + "a" * 64 + ".com/a.wav"]), junk)
+LINKS = ["http://127.0.0.1:9/a.wav", "https://10.0.0.1/a.wav", "http://[::1]/a.wav",
+         "file:///etc/passwd", "ftp://1.2.3.4/a", "https://", "http:// x", "a.wav", "",
+         "http://x:abc/a.wav", "http://1.2.3.4:99999/a", "http://[::1/a.wav",
+         "http://" + "a" * 64 + ".com/a.wav"]
+link = st.one_of(st.sampled_from(LINKS), junk)
 
 
 VALID = {
@@ -158,6 +158,15 @@ def valid_payload(draw) -> dict:
 
 
 @st.composite
+def linked_payload(draw) -> dict:
+    """A valid request but for its context clip, given as a link that must be refused."""
+    payload = {"text": draw(valid_text), "max_audio_length_ms": 80,
+               "context": [{"text": draw(valid_text), "speaker": draw(st.integers(0, 31)),
+                            "audio_url": draw(st.sampled_from(LINKS))}]}
+    return payload
+
+
+@st.composite
 def mutated(draw) -> dict:
     """A valid payload with one to three fields made invalid, removed or added."""
     payload = dict(draw(valid_payload()))
@@ -179,6 +188,8 @@ def pick(choice: int) -> st.SearchStrategy:
     # around one example in twenty, so that 1500 examples run in under a minute
     if choice == 0:
         return st.tuples(st.just("valid"), valid_payload())
+    if choice == 1:
+        return st.tuples(st.just("linked"), linked_payload())
     if choice <= 4:
         return st.tuples(st.just("junk"), junk)
     if choice <= 14:
@@ -228,6 +239,8 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
             items = run(loop, collect(worker, payload))
         outcome = check_answer(items, payload)
         stats[f"{kind}:{outcome}"] += 1
+        if kind == "linked":  # refused by field, whatever is wrong with the link
+            assert outcome == "error" and items[-1]["error"].startswith("context[0]"), items
         if kind == "valid":
             assert outcome != "error", (payload, items[-1])
             if whole:
@@ -244,6 +257,7 @@ def test_every_payload_gets_one_well_formed_answer(worker, loop):
     assert sum(v for k, v in stats.items() if k.endswith(":stream")) >= 3
     assert sum(v for k, v in stats.items() if k.endswith(":verify")) >= 3
     assert sum(v for k, v in stats.items() if k.endswith(":error")) >= total // 2
+    assert stats["linked:error"] >= 10
     # and the worker is still healthy afterwards
     r = run(loop, complete(worker, {"text": "After the storm.",
                                             "max_audio_length_ms": 160, "seed": 1}))
