@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import torch
 
 from csm.testing import make_tiny
@@ -29,13 +25,7 @@ from worker.schema import parse_request
 from worker.service import Worker
 from worker.settings import load_settings
 
-
-def clip_b64(seconds: float, rate: int) -> str:
-    """A tone (not speech: its codes cost what a voice's do)."""
-    t = np.arange(int(seconds * rate)) / rate
-    out = io.BytesIO()
-    sf.write(out, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format="WAV")
-    return base64.b64encode(out.getvalue()).decode("ascii")
+from .run import reference_audio
 
 
 async def first_audio_ms(worker: Worker, payload: dict) -> float:
@@ -58,7 +48,7 @@ def main() -> None:
                                          "CSM_DEVICE": args.device}))
     payload = {"text": "Cloned.", "max_audio_length_ms": 80, "seed": 1, "voice": "none",
                "context": [{"text": "A reference turn.", "speaker": 0,
-                            "audio_base64": clip_b64(args.seconds, 44_100)}]}
+                            "audio_base64": reference_audio(args.seconds, 44_100, "WAV")}]}
     request = parse_request(payload, worker.settings.limits, worker.voice_names)
     loop = asyncio.new_event_loop()
     for name, cache in (("encoded each time", ClipCodes(0)), ("codes kept", ClipCodes(64))):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import resource
 import statistics
@@ -27,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
@@ -150,6 +154,15 @@ def transformers_side(cfg: CSMConfig, state: dict, ids: list[int], device: torch
     return {"frames_per_s": stats(fps), "real_time_factor": stats(rtf),
             "warm_up_s": warm_up_s, "compiled": compile_forward,
             "peak_memory_mb": peak_memory_mb(device)}
+
+
+def reference_audio(seconds: float, rate: int = 24_000, fmt: str = "FLAC") -> str:
+    """A tone (audible, compressible; not speech, but its codes cost what a voice's do) as an
+    audio file in base64: a reference turn."""
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 async def worker_stream(worker: Worker, frames: int, reps: int, voice: str = "none",

@@ -224,14 +224,17 @@ class Worker:
                  upload_ms)
         return stored_response(chunk, fmt, stored, upload_ms)
 
+    def may_store(self, request: SpeechRequest) -> bool:
+        """Whether the request's answer may go to the bucket: a whole one, not kept to base64."""
+        return self.results is not None and not request.stream and request.delivery != "base64"
+
     def stores(self, request: SpeechRequest, audio_bytes: int) -> bool:
         """Whether a whole response of `audio_bytes` goes to the bucket."""
-        if self.results is None or request.delivery == "base64":
+        if not self.may_store(request):
             return False
-        if request.delivery == "url":
-            return True
         as_base64 = 4 * -(-audio_bytes // 3) + WHOLE_OVERHEAD_BYTES
-        return self.settings.mode == "queue" and as_base64 > self.settings.limits.max_result_bytes
+        return request.delivery == "url" or (
+            self.settings.mode == "queue" and as_base64 > self.settings.limits.max_result_bytes)
 
     @staticmethod
     def failure(error: BaseException) -> dict[str, Any]:
@@ -336,9 +339,7 @@ class Worker:
             raise RequestError("delivery: 'url' needs a bucket, and this worker has none (its "
                                "operator sets CSM_BUCKET_NAME and the BUCKET_* variables); use "
                                "'auto' or 'base64'")
-        whole_to_bucket = (self.results is not None and not request.stream
-                           and request.delivery != "base64")
-        if self.settings.mode == "queue" and not whole_to_bucket:
+        if self.settings.mode == "queue" and not self.may_store(request):
             self.check_result_size(request, utterances)
         context = self.context_segments(request) if fixed is None else fixed
         seed = self.seeded(request).seed

@@ -34,7 +34,7 @@ from csm.watermark import WATERMARK_SAMPLE_RATE, WatermarkStream, parse_key
 from worker.clip_codes import ClipCodes
 from worker.service import Worker
 
-from ..run import TEXT, start_worker, time_ms, worker_stream
+from ..run import TEXT, reference_audio, start_worker, time_ms, worker_stream
 from .context import Context
 
 CONCURRENCY = 8
@@ -177,14 +177,6 @@ def marking_while_busy(worker: Worker, reps: int) -> dict[str, float]:
             list(generation.blocks())
     return {"own_stream_ms": own, "default_stream_ms": shared,
             "jobs_running": CONCURRENCY, "own_stream": stream is not None}
-
-
-def reference_audio(seconds: float) -> str:
-    """A FLAC tone (audible, compressible), base64: a long reference turn."""
-    t = np.arange(int(seconds * 24_000)) / 24_000
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24_000, format="FLAC")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def edge_context(folder: Path) -> dict[str, Any]:
